@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv with the Python packages dinostream's tests and runtime lookups use:
+# onnxruntime (its shared library serves the `ort` crate), onnx (model checker) and numpy.
+# Idempotent: does nothing when the venv already has them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DINOSTREAM_VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import numpy" 2>/dev/null; then
+  exit 0
+fi
+"$PY" -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy

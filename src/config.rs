@@ -1,0 +1,532 @@
+//! The configuration tree: one TOML file with every knob, documented defaults, validation that
+//! reports every bad key at once, and command-line overrides applied on top.
+//!
+//! Each stage's constructor takes its own section (`&cfg.tile`, `&cfg.augment`, ...), never the whole
+//! [`Config`]. Field docs here are the reference for `deploy/config.toml` and the README.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The seed's band list: the order of the 10-channel tensor the model sees.
+pub const SEED_BANDS: [&str; 10] = ["B02", "B03", "B04", "B05", "B06", "B07", "B11", "B08", "B8A", "B12"];
+
+/// Everything dinostream can be told. Every field has a default; a file may set any subset.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Ingest: how files become patches.
+    pub tile: TileConfig,
+    /// The DINO multi-crop augmenter.
+    pub augment: AugmentConfig,
+    /// Which model to train.
+    pub model: ModelConfig,
+    /// The DINO training step, loss and schedules.
+    pub train: TrainConfig,
+}
+
+/// Ingest settings (`[tile]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TileConfig {
+    /// How to name the bands of a stacked multi-band file: a preset (`bigearthnet10`,
+    /// `sentinel2-12`, `eurosat13`) or an explicit comma-separated list (`B02,B03,B04`).
+    /// GDAL band descriptions inside the file win when present.
+    pub layout: String,
+    /// The bands the model sees, in channel order. Default: the seed's 10 bands.
+    pub bands: Vec<String>,
+    /// Side of a square training patch in pixels (10 m grid). Larger images are cut into patches.
+    pub patch_px: usize,
+    /// Step between patch origins when cutting a large image.
+    pub stride_px: usize,
+    /// Patches whose nodata/zero fraction is above this are skipped (0..=1).
+    pub max_nodata_fraction: f32,
+    /// Raw value treated as nodata when the file declares none (GDAL_NODATA wins). Unset: only
+    /// NaN/inf and the file's own nodata value are nodata.
+    pub nodata: Option<f64>,
+    /// Refuse images wider than this before allocating anything.
+    pub max_width_px: u32,
+    /// Refuse images taller than this before allocating anything.
+    pub max_height_px: u32,
+    /// Refuse images with more bands than this.
+    pub max_bands: u16,
+}
+
+impl Default for TileConfig {
+    fn default() -> Self {
+        TileConfig {
+            layout: "bigearthnet10".into(),
+            bands: SEED_BANDS.iter().map(|b| b.to_string()).collect(),
+            patch_px: 120,
+            stride_px: 120,
+            max_nodata_fraction: 0.5,
+            nodata: None,
+            max_width_px: 40_000,
+            max_height_px: 40_000,
+            max_bands: 16,
+        }
+    }
+}
+
+/// Multi-crop augmentation settings (`[augment]`). Defaults are the seed recipe.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Side of the two global crops.
+    pub global_px: usize,
+    /// Side of the local crops.
+    pub local_px: usize,
+    /// Number of local crops per sample.
+    pub local_crops: usize,
+    /// RandomResizedCrop area fraction range for global crops.
+    pub global_scale: [f64; 2],
+    /// RandomResizedCrop area fraction range for local crops.
+    pub local_scale: [f64; 2],
+    /// RandomResizedCrop aspect-ratio range.
+    pub ratio: [f64; 2],
+    /// Probability of Channelaug (copy one random band into all channels) on global crop 1.
+    pub channelaug_p: f64,
+    /// Probability of a horizontal flip, every view.
+    pub flip_p: f64,
+    /// Probability of shift-scale-rotate, every view.
+    pub ssr_p: f64,
+    /// SSR rotation range: angle ~ U(-limit, limit) degrees.
+    pub ssr_angle_deg: f64,
+    /// SSR scale range: scale ~ U(1 - limit, 1 + limit).
+    pub ssr_scale: f64,
+    /// SSR shift range as a fraction of the side: dx, dy ~ U(-limit, limit).
+    pub ssr_shift: f64,
+    /// Gaussian blur probability on global crop 1.
+    pub global1_blur_p: f64,
+    /// Gaussian blur probability on global crop 2.
+    pub global2_blur_p: f64,
+    /// Gaussian blur probability on local crops.
+    pub local_blur_p: f64,
+    /// Solarize probability on global crop 2.
+    pub solarize_p: f64,
+    /// Solarize threshold in reflectance: x >= threshold becomes 1 - x.
+    pub solarize_threshold: f32,
+    /// Augmentation worker threads (0 = one per core).
+    pub workers: usize,
+    /// Ready batches the worker pool may hold before it blocks (backpressure).
+    pub queue_batches: usize,
+    /// Seed of the augmentation random streams (per sample index, so results do not depend on the
+    /// number of workers).
+    pub seed: u64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            global_px: 120,
+            local_px: 56,
+            local_crops: 6,
+            global_scale: [0.4, 1.0],
+            local_scale: [0.05, 0.4],
+            ratio: [3.0 / 4.0, 4.0 / 3.0],
+            channelaug_p: 1.0,
+            flip_p: 0.5,
+            ssr_p: 0.5,
+            ssr_angle_deg: 45.0,
+            ssr_scale: 0.1,
+            ssr_shift: 0.0625,
+            global1_blur_p: 1.0,
+            global2_blur_p: 0.1,
+            local_blur_p: 0.5,
+            solarize_p: 0.2,
+            solarize_threshold: 0.5,
+            workers: 0,
+            queue_batches: 4,
+            seed: 0,
+        }
+    }
+}
+
+/// Model choice (`[model]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A preset name from `models/` (`vit-tiny-p8`, `vit-small-p8`, `vit-base-p8`) or a path to a
+    /// preset TOML file.
+    pub preset: String,
+    /// Student stochastic depth rate (DINO default 0.1; the teacher never drops).
+    pub drop_path_rate: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { preset: "vit-tiny-p8".into(), drop_path_rate: 0.1 }
+    }
+}
+
+/// Compute device.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CPU (always available).
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// DINO training settings (`[train]`); names follow DINO's `main_dino.py` arguments.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Where to train.
+    pub device: Device,
+    /// Samples per step (each sample = 2 global + `local_crops` local views).
+    pub batch_size: usize,
+    /// Peak learning rate per 256 samples; the used peak is `lr * batch_size / 256`.
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_lr: f64,
+    /// Linear learning-rate warmup, in epochs.
+    pub warmup_epochs: usize,
+    /// Number of epochs the schedules span (`train` command).
+    pub epochs: usize,
+    /// Weight decay at the start of the cosine schedule.
+    pub weight_decay: f64,
+    /// Weight decay at the end of the cosine schedule.
+    pub weight_decay_end: f64,
+    /// Teacher EMA momentum at the start (cosine to 1).
+    pub momentum_teacher: f64,
+    /// Student softmax temperature.
+    pub student_temp: f64,
+    /// Teacher temperature at the start of its warmup.
+    pub warmup_teacher_temp: f64,
+    /// Teacher temperature after warmup.
+    pub teacher_temp: f64,
+    /// Teacher temperature warmup, in epochs.
+    pub warmup_teacher_temp_epochs: usize,
+    /// Center EMA momentum.
+    pub center_momentum: f64,
+    /// Per-tensor gradient clipping threshold (0 = off).
+    pub clip_grad: f64,
+    /// Epochs during which the head's last layer is frozen.
+    pub freeze_last_layer: usize,
+    /// Seed for weight initialisation and training randomness.
+    pub seed: u64,
+    /// Log the collapse indicators every this many steps.
+    pub log_every_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            device: Device::Cpu,
+            batch_size: 64,
+            lr: 5e-4,
+            min_lr: 1e-6,
+            warmup_epochs: 10,
+            epochs: 100,
+            weight_decay: 0.04,
+            weight_decay_end: 0.4,
+            momentum_teacher: 0.996,
+            student_temp: 0.1,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0,
+            center_momentum: 0.9,
+            clip_grad: 3.0,
+            freeze_last_layer: 1,
+            seed: 0,
+            log_every_steps: 10,
+        }
+    }
+}
+
+/// One invalid setting: the key, the value found, and what is allowed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyError {
+    /// Dotted key, e.g. `tile.patch_px`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub reason: String,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Why a configuration could not be used. Maps to exit code 78 (EX_CONFIG).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config file: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has unknown keys / wrong types.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// One or more values are out of range; all are listed.
+    #[error("invalid configuration{}:\n  {}", origin(.path), join(.errors))]
+    Invalid { path: Option<PathBuf>, errors: Vec<KeyError> },
+}
+
+fn origin(path: &Option<PathBuf>) -> String {
+    path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
+}
+
+fn join(errors: &[KeyError]) -> String {
+    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  ")
+}
+
+impl Config {
+    /// Read and validate a TOML file. Missing keys take their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let cfg = Config::from_toml(&text)
+            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
+        cfg.validate().map_err(|errors| ConfigError::Invalid { path: Some(path.to_path_buf()), errors })?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML text (no validation). The error message names the key and the line.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Check every value; return all problems, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<KeyError>> {
+        let mut v = Validator::default();
+        self.tile.check(&mut v);
+        self.augment.check(&mut v);
+        self.model.check(&mut v);
+        self.train.check(&mut v);
+        if v.errors.is_empty() { Ok(()) } else { Err(v.errors) }
+    }
+
+    /// The configuration as commented-free TOML (what `--print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config tree contains only TOML-representable values")
+    }
+}
+
+/// Collects [`KeyError`]s while sections check themselves.
+#[derive(Default)]
+struct Validator {
+    errors: Vec<KeyError>,
+}
+
+impl Validator {
+    fn fail(&mut self, key: &str, reason: String) {
+        self.errors.push(KeyError { key: key.to_string(), reason });
+    }
+
+    fn positive(&mut self, key: &str, value: usize) {
+        if value == 0 {
+            self.fail(key, "is 0; must be at least 1".into());
+        }
+    }
+
+    fn probability(&mut self, key: &str, value: f64) {
+        if !(0.0..=1.0).contains(&value) {
+            self.fail(key, format!("is {value}; must be a probability in 0..=1"));
+        }
+    }
+
+    fn range(&mut self, key: &str, [lo, hi]: [f64; 2], min: f64, max: f64) {
+        if !(min <= lo && lo <= hi && hi <= max) {
+            self.fail(
+                key,
+                format!("is [{lo}, {hi}]; must be [low, high] with {min} <= low <= high <= {max}"),
+            );
+        }
+    }
+
+    fn positive_f(&mut self, key: &str, value: f64) {
+        if !(value > 0.0 && value.is_finite()) {
+            self.fail(key, format!("is {value}; must be a positive number"));
+        }
+    }
+}
+
+/// The band-layout presets and their band names, in file order.
+pub const LAYOUT_PRESETS: [(&str, &[&str]); 3] = [
+    ("bigearthnet10", &SEED_BANDS),
+    ("sentinel2-12", &["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]),
+    (
+        "eurosat13",
+        &["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"],
+    ),
+];
+
+/// Every Sentinel-2 band name dinostream knows.
+pub const S2_BANDS: [&str; 13] =
+    ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"];
+
+/// Resolve a layout string (preset name or comma list) to band names.
+pub fn parse_layout(spec: &str) -> Result<Vec<String>, String> {
+    if let Some((_, bands)) = LAYOUT_PRESETS.iter().find(|(name, _)| *name == spec) {
+        return Ok(bands.iter().map(|b| b.to_string()).collect());
+    }
+    if !spec.contains(',') && !S2_BANDS.contains(&spec) {
+        let presets: Vec<_> = LAYOUT_PRESETS.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "`{spec}` is neither a layout preset ({}) nor a comma-separated band list like B02,B03,B04",
+            presets.join(", ")
+        ));
+    }
+    let bands: Vec<String> = spec.split(',').map(|b| b.trim().to_uppercase()).collect();
+    for b in &bands {
+        check_band_name(b)?;
+    }
+    Ok(bands)
+}
+
+/// Accept `B01`..`B12`, `B8A` (case-insensitive input is upper-cased by callers).
+pub fn check_band_name(name: &str) -> Result<(), String> {
+    if S2_BANDS.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!("unknown band `{name}`; Sentinel-2 bands are {}", S2_BANDS.join(", ")))
+    }
+}
+
+impl TileConfig {
+    fn check(&self, v: &mut Validator) {
+        if let Err(reason) = parse_layout(&self.layout) {
+            v.fail("tile.layout", reason);
+        }
+        if self.bands.is_empty() {
+            v.fail("tile.bands", "is empty; list at least one band, e.g. [\"B04\", \"B03\", \"B02\"]".into());
+        }
+        for b in &self.bands {
+            if let Err(reason) = check_band_name(b) {
+                v.fail("tile.bands", reason);
+            }
+        }
+        v.positive("tile.patch_px", self.patch_px);
+        v.positive("tile.stride_px", self.stride_px);
+        v.probability("tile.max_nodata_fraction", self.max_nodata_fraction as f64);
+        if self.max_width_px == 0 || self.max_height_px == 0 || self.max_bands == 0 {
+            v.fail("tile.max_width_px/max_height_px/max_bands", "must all be at least 1".into());
+        }
+    }
+}
+
+impl AugmentConfig {
+    fn check(&self, v: &mut Validator) {
+        v.positive("augment.global_px", self.global_px);
+        v.positive("augment.local_px", self.local_px);
+        v.range("augment.global_scale", self.global_scale, f64::MIN_POSITIVE, 1.0);
+        v.range("augment.local_scale", self.local_scale, f64::MIN_POSITIVE, 1.0);
+        v.range("augment.ratio", self.ratio, f64::MIN_POSITIVE, f64::MAX);
+        for (key, p) in [
+            ("augment.channelaug_p", self.channelaug_p),
+            ("augment.flip_p", self.flip_p),
+            ("augment.ssr_p", self.ssr_p),
+            ("augment.global1_blur_p", self.global1_blur_p),
+            ("augment.global2_blur_p", self.global2_blur_p),
+            ("augment.local_blur_p", self.local_blur_p),
+            ("augment.solarize_p", self.solarize_p),
+        ] {
+            v.probability(key, p);
+        }
+        if !(0.0..=180.0).contains(&self.ssr_angle_deg) {
+            v.fail("augment.ssr_angle_deg", format!("is {}; must be in 0..=180", self.ssr_angle_deg));
+        }
+        if !(0.0..1.0).contains(&self.ssr_scale) {
+            v.fail("augment.ssr_scale", format!("is {}; must be in 0..1", self.ssr_scale));
+        }
+        if !(0.0..=0.5).contains(&self.ssr_shift) {
+            v.fail("augment.ssr_shift", format!("is {}; must be in 0..=0.5", self.ssr_shift));
+        }
+        v.positive("augment.queue_batches", self.queue_batches);
+    }
+}
+
+impl ModelConfig {
+    fn check(&self, v: &mut Validator) {
+        if self.preset.trim().is_empty() {
+            v.fail("model.preset", "is empty; use vit-tiny-p8, vit-small-p8, vit-base-p8 or a path".into());
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            v.fail("model.drop_path_rate", format!("is {}; must be in 0..1", self.drop_path_rate));
+        }
+    }
+}
+
+impl TrainConfig {
+    fn check(&self, v: &mut Validator) {
+        v.positive("train.batch_size", self.batch_size);
+        v.positive("train.epochs", self.epochs);
+        v.positive_f("train.lr", self.lr);
+        v.positive_f("train.student_temp", self.student_temp);
+        v.positive_f("train.teacher_temp", self.teacher_temp);
+        v.positive_f("train.warmup_teacher_temp", self.warmup_teacher_temp);
+        v.probability("train.momentum_teacher", self.momentum_teacher);
+        v.probability("train.center_momentum", self.center_momentum);
+        if self.min_lr < 0.0 || self.weight_decay < 0.0 || self.weight_decay_end < 0.0 || self.clip_grad < 0.0
+        {
+            v.fail("train.min_lr/weight_decay/weight_decay_end/clip_grad", "must not be negative".into());
+        }
+        v.positive("train.log_every_steps", self.log_every_steps);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(text: &str) -> Vec<KeyError> {
+        Config::from_toml(text).unwrap().validate().unwrap_err()
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.tile.bands, SEED_BANDS);
+        assert_eq!(cfg.tile.patch_px, 120);
+        assert_eq!(cfg.augment.local_crops, 6);
+        assert_eq!(cfg.train.clip_grad, 3.0);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn defaults_survive_a_round_trip_through_toml() {
+        let cfg = Config::default();
+        assert_eq!(Config::from_toml(&cfg.to_toml()).unwrap(), cfg);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = Config::from_toml("[tile]\npatch_size = 3\n").unwrap_err();
+        assert!(err.contains("patch_size"), "{err}");
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_with_its_key() {
+        let errs = errors_of("[tile]\npatch_px = 0\nlayout = \"landsat\"\n[augment]\nflip_p = 1.5\n");
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["tile.layout", "tile.patch_px", "augment.flip_p"]);
+        assert!(errs[0].reason.contains("eurosat13"), "{}", errs[0].reason);
+    }
+
+    #[test]
+    fn unknown_band_name_lists_the_valid_ones() {
+        let errs = errors_of("[tile]\nbands = [\"B02\", \"B13\"]\n");
+        assert_eq!(errs[0].key, "tile.bands");
+        assert!(errs[0].reason.contains("B8A"));
+    }
+
+    #[test]
+    fn layout_accepts_presets_and_explicit_lists() {
+        assert_eq!(parse_layout("eurosat13").unwrap().last().unwrap(), "B8A");
+        assert_eq!(parse_layout("sentinel2-12").unwrap().len(), 12);
+        assert_eq!(parse_layout("b04,B03, B02").unwrap(), ["B04", "B03", "B02"]);
+        assert!(parse_layout("B04,B99").is_err());
+    }
+
+    #[test]
+    fn overridden_key_keeps_the_other_defaults() {
+        let cfg = Config::from_toml("[train]\nbatch_size = 8\n").unwrap();
+        assert_eq!(cfg.train.batch_size, 8);
+        assert_eq!(cfg.train.lr, 5e-4);
+    }
+}

@@ -1,0 +1,20 @@
+//! # dinostream
+//!
+//! Keeps a self-supervised DINO vision model learning from Sentinel-2 tiles as they arrive.
+//!
+//! Data flows one way through the stages, one module each:
+//!
+//! ```text
+//! watch -> ingest (tile) -> replay -> augment -> train (model, dino) -> checkpoint / export
+//! ```
+//!
+//! - [`config`]: the one validated configuration tree, loaded from TOML and overridden by flags.
+//! - [`fsio`]: atomic file writes; the only place that renames files.
+//! - [`tile`]: ingest. A path becomes [`tile::Patch`]es: `[C, H, W]` f32 reflectance with band names
+//!   and the source window. TIFF decoding sits behind a panic boundary here and nowhere else.
+//! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
+
+pub mod cli;
+pub mod config;
+pub mod fsio;
+pub mod tile;
