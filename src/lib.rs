@@ -12,8 +12,10 @@
 //! - [`fsio`]: atomic file writes; the only place that renames files.
 //! - [`tile`]: ingest. A path becomes [`tile::Patch`]es: `[C, H, W]` f32 reflectance with band names
 //!   and the source window. TIFF decoding sits behind a panic boundary here and nowhere else.
+//! - [`augment`]: multi-crop views and batches (plain f32, no candle).
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
+pub mod augment;
 pub mod cli;
 pub mod config;
 pub mod fsio;
