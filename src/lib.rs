@@ -16,6 +16,7 @@
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
 pub mod augment;
+pub mod service;
 pub mod cli;
 pub mod config;
 pub mod fsio;
