@@ -126,14 +126,39 @@ pub(crate) fn open(dir: &Path, cfg: &TileConfig) -> Result<FolderSource, TileErr
         })?;
         planes.push(read_band(path, cfg)?);
     }
-    let width = planes.iter().map(|p| p.file.meta.width).max().unwrap_or(0);
-    let height = planes.iter().map(|p| p.file.meta.height).max().unwrap_or(0);
+    let (width, height) = grid(&files, &planes, cfg)?;
     let mut data = Vec::with_capacity(planes.len() * width * height);
     for plane in &planes {
         data.extend(to_grid(plane, width, height)?);
     }
     Ok(FolderSource { width, height, data })
 }
+
+/// Size of the 10 m grid: the largest selected band, or a 10 m band file's size when only coarser
+/// bands are selected.
+fn grid(
+    files: &[(String, PathBuf)],
+    planes: &[BandPlane],
+    cfg: &TileConfig,
+) -> Result<(usize, usize), TileError> {
+    let selected = planes.iter().map(|p| (p.file.meta.width, p.file.meta.height)).max().unwrap_or((0, 0));
+    if planes
+        .iter()
+        .any(|p| TEN_METRE.iter().any(|b| p.file.path.to_string_lossy().ends_with(&format!("_{b}.tif"))))
+    {
+        return Ok(selected);
+    }
+    match files.iter().find(|(b, _)| TEN_METRE.contains(&b.as_str())) {
+        Some((_, path)) => {
+            let meta = &TiffFile::open(path, cfg)?.meta;
+            Ok((meta.width, meta.height).max(selected))
+        }
+        None => Ok(selected),
+    }
+}
+
+/// The bands Sentinel-2 records at 10 m.
+const TEN_METRE: [&str; 4] = ["B02", "B03", "B04", "B08"];
 
 /// The band on the `width x height` grid; its size must divide the grid evenly with one factor.
 fn to_grid(plane: &BandPlane, width: usize, height: usize) -> Result<Vec<f32>, TileError> {

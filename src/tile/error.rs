@@ -101,6 +101,7 @@ impl TileError {
         match source.kind() {
             std::io::ErrorKind::NotFound => TileError::Vanished { path },
             std::io::ErrorKind::UnexpectedEof => TileError::Truncated { path, detail: source.to_string() },
+            std::io::ErrorKind::InvalidData => TileError::Corrupt { path, detail: source.to_string() },
             _ => TileError::Io { path, source },
         }
     }
@@ -111,6 +112,16 @@ impl TileError {
         let detail = err.to_string();
         let path_buf = path.to_path_buf();
         match err {
+            // Decompressors report bad streams as I/O errors without an OS error code.
+            T::IoError(source)
+                if source.raw_os_error().is_none()
+                    && !matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+            {
+                TileError::Corrupt { path: path_buf, detail: source.to_string() }
+            }
             T::IoError(source) => TileError::io(path, source),
             T::FormatError(_) if detail.contains("end of file") || detail.contains("EOF") => {
                 TileError::Truncated { path: path_buf, detail }

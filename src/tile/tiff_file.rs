@@ -21,6 +21,9 @@ use crate::config::TileConfig;
 /// for a whole scene) are refused: reading them would mean holding the scene in memory.
 const MAX_CHUNK_BYTES: usize = 256 << 20;
 
+/// Compression codes the decoder handles: none, LZW, deflate (both codes), packbits, zstd.
+const SUPPORTED_COMPRESSION: [u16; 6] = [1, 5, 8, 32946, 32773, 50000];
+
 /// Georeference from the GeoTIFF tags.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Georef {
@@ -63,7 +66,10 @@ pub(crate) struct TiffFile {
 impl TiffFile {
     /// Open `path`, check its header and its declared size against `cfg`'s limits.
     pub fn open(path: &Path, cfg: &TileConfig) -> Result<TiffFile, TileError> {
-        let file = open_checked(path)?;
+        let mut file = open_checked(path)?;
+        if let Some((w, h, spp)) = peek_dimensions(&mut file) {
+            check_limits(path, w, h, spp, cfg)?;
+        }
         let mut limits = Limits::default();
         limits.decoding_buffer_size = MAX_CHUNK_BYTES;
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
@@ -288,6 +294,51 @@ fn open_checked(path: &Path) -> Result<File, TileError> {
     File::open(path).map_err(|e| TileError::io(path, e))
 }
 
+/// Width, height and samples per pixel from the first IFD, read without the decoder, so that an
+/// oversized image is refused before the decoder builds anything for it. `None` when the IFD
+/// cannot be read this way (the decoder then reports why).
+fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
+    use std::io::{Seek, SeekFrom};
+    let mut header = [0u8; 16];
+    read_up_to(file, &mut header).ok()?;
+    let le = &header[..2] == b"II";
+    let u16_at =
+        |b: &[u8]| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) };
+    let u32_at = |b: &[u8]| {
+        let a = [b[0], b[1], b[2], b[3]];
+        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+    };
+    let big = u16_at(&header[2..]) == 43;
+    let ifd = if big {
+        u64::from(u32_at(&header[8..])) | (u64::from(u32_at(&header[12..])) << 32)
+    } else {
+        u64::from(u32_at(&header[4..]))
+    };
+    file.seek(SeekFrom::Start(ifd)).ok()?;
+    let (count_len, entry_len) = if big { (8, 20) } else { (2, 12) };
+    let mut count = [0u8; 8];
+    read_up_to(file, &mut count[..count_len]).ok()?;
+    let n = (u16_at(&count) as usize).min(4096);
+    let mut entries = vec![0u8; n * entry_len];
+    read_up_to(file, &mut entries).ok()?;
+    let (mut w, mut h, mut spp) = (None, None, 1usize);
+    for e in entries.chunks_exact(entry_len) {
+        let value = match u16_at(&e[2..]) {
+            3 => u16_at(&e[if big { 12 } else { 8 }..]) as usize,
+            4 => u32_at(&e[if big { 12 } else { 8 }..]) as usize,
+            _ => continue,
+        };
+        match u16_at(e) {
+            256 => w = Some(value),
+            257 => h = Some(value),
+            277 => spp = value,
+            _ => {}
+        }
+    }
+    file.seek(SeekFrom::Start(0)).ok()?;
+    Some((w?, h?, spp))
+}
+
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -313,6 +364,15 @@ fn read_meta(
         guard(path, || d.find_tag_unsigned_vec::<u16>(Tag::SampleFormat))?.unwrap_or_else(|| vec![1]);
     let data_type = sample_type(path, &bits, &format)?;
     let compression_code = guard(path, || d.find_tag_unsigned::<u16>(Tag::Compression))?.unwrap_or(1);
+    if !SUPPORTED_COMPRESSION.contains(&compression_code) {
+        return Err(TileError::Unsupported {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{} compression; supported: none, deflate, lzw, zstd, packbits",
+                compression_name(compression_code)
+            ),
+        });
+    }
     let planar = guard(path, || d.find_tag_unsigned::<u16>(Tag::PlanarConfiguration))?.unwrap_or(1) == 2;
     let tiled = d.get_chunk_type() == tiff::decoder::ChunkType::Tile;
     let (cw, ch) = guard(path, || Ok(d.chunk_dimensions()))?;
