@@ -598,3 +598,61 @@ fn broken_bigearthnet_folders_name_the_problem() {
     std::fs::create_dir_all(&empty).unwrap();
     assert_eq!(Input::detect(&empty).unwrap_err().kind(), "not_input");
 }
+
+// ---------------------------------------------------------------- memory on a full scene
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Slow (writes and reads a 2.9 GB-raw scene): `cargo test --release --test integration full_sentinel2 -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn full_sentinel2_scene_is_cut_into_patches_in_under_1_gb() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("T33UUP.tif");
+    let side = 10_980u32;
+    // The left tenth is nodata (zeros); the rest a blocky pattern.
+    let value = |b: usize, y: usize, x: usize| {
+        if x < 1098 { 0.0 } else { (1000 + (x / 37 + y / 53 + b * 5) % 200) as f64 }
+    };
+    let spec = TiffSpec {
+        width: side,
+        height: side,
+        bands: 12,
+        tile: Some(512),
+        codec: Codec::Deflate,
+        ..TiffSpec::default()
+    };
+    let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    crate::tiff_writer::write_tiff(file, &spec, value).unwrap();
+    let before = peak_rss_bytes();
+    let cfg = TileConfig { layout: "sentinel2-12".into(), ..TileConfig::default() };
+    let started = std::time::Instant::now();
+    let mut checked = 0usize;
+    let count = tile::for_each_patch(&Input::detect(&path).unwrap(), &cfg, |p| {
+        if checked < 50 {
+            let (x0, y0) = (p.window.x as usize, p.window.y as usize);
+            assert_eq!(p.plane(0)[7 * 120 + 9], value(1, y0 + 7, x0 + 9) as f32 / 10000.0);
+            checked += 1;
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let peak = peak_rss_bytes();
+    eprintln!(
+        "scene {side}x{side}x12 u16 deflate, {} bytes on disk: {} patches, {} skipped, {:.1} s, VmHWM before cutting {} MB, after {} MB",
+        std::fs::metadata(&path).unwrap().len(),
+        count.yielded,
+        count.skipped,
+        started.elapsed().as_secs_f64(),
+        before >> 20,
+        peak >> 20
+    );
+    assert_eq!(count.yielded + count.skipped, 91 * 91);
+    assert_eq!(count.skipped, 91 * 9);
+    assert!(peak < 1 << 30, "peak RSS {} MB", peak >> 20);
+}

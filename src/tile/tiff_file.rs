@@ -61,6 +61,10 @@ pub(crate) struct TiffFile {
     pub meta: TiffMeta,
     decoder: Decoder<BufReader<File>>,
     compression_code: u16,
+    /// Chunks decoded by the last [`TiffFile::read_rows`] call, by chunk index: consecutive patch
+    /// rows share strips and tiles, and each is decoded once. Holds at most the chunk rows one call
+    /// touches (raw samples, not f32).
+    cache: Vec<(u32, DecodingResult)>,
 }
 
 impl TiffFile {
@@ -75,7 +79,7 @@ impl TiffFile {
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
         let mut decoder = guard(path, || Decoder::new(BufReader::new(file)))?.with_limits(limits);
         let (meta, compression_code) = read_meta(path, &mut decoder, cfg)?;
-        Ok(TiffFile { path: path.to_path_buf(), meta, decoder, compression_code })
+        Ok(TiffFile { path: path.to_path_buf(), meta, decoder, compression_code, cache: Vec::new() })
     }
 
     /// Fill `out` (`[bands.len(), rows.len(), width]`, sample values as f32 with NaN for nodata)
@@ -90,13 +94,19 @@ impl TiffFile {
         let across = self.meta.width.div_ceil(cw);
         let down = self.meta.height.div_ceil(ch);
         let planes: Vec<usize> = if self.meta.planar { bands.to_vec() } else { vec![0] };
+        // Chunks not used by this call are dropped: rows only move down between calls.
+        let mut previous = std::mem::take(&mut self.cache);
         for plane in planes {
             for cy in rows.start / ch..=(rows.end - 1) / ch {
                 for cx in 0..across {
                     let index = (plane * down * across + cy * across + cx) as u32;
                     let place = ChunkPlace { x0: cx * cw, y0: cy * ch, plane };
-                    let chunk = self.read_chunk(index, place)?;
+                    let chunk = match previous.iter().position(|(i, _)| *i == index) {
+                        Some(k) => previous.swap_remove(k).1,
+                        None => self.read_chunk(index, place)?,
+                    };
                     self.copy_chunk(&chunk, place, &rows, bands, out)?;
+                    self.cache.push((index, chunk));
                 }
             }
         }
@@ -240,6 +250,7 @@ fn sample_bytes(chunk: &DecodingResult) -> usize {
 /// A deflate chunk must inflate to exactly the bytes its strip or tile declares. The `tiff` crate
 /// stops reading at the declared size, so a bomb costs no memory there; re-inflating into a
 /// counting sink (capped one byte past the declared size) tells the user the file is malicious or broken.
+/// This second pass costs one more inflate per deflate chunk (chunks are decoded once, see the cache).
 fn check_inflated_size(
     path: &Path,
     decoder: &mut Decoder<BufReader<File>>,
@@ -255,6 +266,7 @@ fn check_inflated_size(
     let (Some(&offset), Some(&count)) = (offset.get(index as usize), count.get(index as usize)) else {
         return Ok(());
     };
+
     use std::io::{Seek, SeekFrom};
     let reader = decoder.inner();
     reader.seek(SeekFrom::Start(offset)).map_err(|e| TileError::io(path, e))?;
