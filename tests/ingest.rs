@@ -656,3 +656,23 @@ fn full_sentinel2_scene_is_cut_into_patches_in_under_1_gb() {
     assert_eq!(count.skipped, 91 * 9);
     assert!(peak < 1 << 30, "peak RSS {} MB", peak >> 20);
 }
+
+#[test]
+fn configured_nodata_value_applies_when_the_file_declares_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u16.tif");
+    std::fs::write(
+        &path,
+        tiff_bytes(
+            &TiffSpec { bands: 3, ..TiffSpec::default() },
+            |_, y, _| if y < 4 { 65535.0 } else { 900.0 },
+        ),
+    )
+    .unwrap();
+    let without = &patches(&path, &three_band_cfg()).unwrap()[0];
+    assert_eq!(without.nodata_fraction, 0.0);
+    let cfg = TileConfig { nodata: Some(65535.0), ..three_band_cfg() };
+    let with = &patches(&path, &cfg).unwrap()[0];
+    assert_eq!(with.nodata_fraction, 0.5);
+    assert_eq!(with.plane(0)[0], 0.0);
+}

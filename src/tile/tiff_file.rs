@@ -574,3 +574,32 @@ fn quiet_decoder_panics() {
         }));
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoder_panic_becomes_a_tile_error() {
+        let err = guard(Path::new("x.tif"), || -> tiff::TiffResult<()> { panic!("index out of bounds") })
+            .unwrap_err();
+        assert_eq!(err.kind(), "decoder_panic");
+        assert!(err.to_string().starts_with("x.tif: TIFF decoder failed"), "{err}");
+    }
+
+    #[test]
+    fn gdal_descriptions_are_read_by_sample_index() {
+        let xml = r#"<GDALMetadata><Item name="OFFSET" sample="0" role="offset">0</Item>
+            <Item name="DESCRIPTION" sample="1" role="description">B03</Item>
+            <Item name="DESCRIPTION" sample="0" role="description">B02</Item></GDALMetadata>"#;
+        assert_eq!(gdal_descriptions(xml, 3), [Some("B02".into()), Some("B03".into()), None]);
+    }
+
+    #[test]
+    fn epsg_comes_from_the_projected_key_before_the_geographic_one() {
+        let dir = [1, 1, 0, 3, 1024, 0, 1, 1, 2048, 0, 1, 4326, 3072, 0, 1, 32633];
+        assert_eq!(geo_key(&dir, 3072), Some(32633));
+        assert_eq!(geo_key(&dir, 2048), Some(4326));
+        assert_eq!(geo_key(&dir[..12], 3072), None);
+    }
+}
