@@ -6,7 +6,7 @@
 //! buffer. Every call into the `tiff` crate goes through [`guard`], the crate's only panic boundary.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -65,6 +65,8 @@ pub(crate) struct TiffFile {
     /// rows share strips and tiles, and each is decoded once. Holds at most the chunk rows one call
     /// touches (raw samples, not f32).
     cache: Vec<(u32, DecodingResult)>,
+    /// File offset and byte count of every chunk, read once for deflate files (bomb check).
+    chunk_ranges: Option<(Vec<u64>, Vec<u64>)>,
 }
 
 impl TiffFile {
@@ -74,12 +76,20 @@ impl TiffFile {
         if let Some((w, h, spp)) = peek_dimensions(&mut file) {
             check_limits(path, w, h, spp, cfg)?;
         }
+        file.seek(SeekFrom::Start(0)).map_err(|e| TileError::io(path, e))?;
         let mut limits = Limits::default();
         limits.decoding_buffer_size = MAX_CHUNK_BYTES;
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
         let mut decoder = guard(path, || Decoder::new(BufReader::new(file)))?.with_limits(limits);
         let (meta, compression_code) = read_meta(path, &mut decoder, cfg)?;
-        Ok(TiffFile { path: path.to_path_buf(), meta, decoder, compression_code, cache: Vec::new() })
+        Ok(TiffFile {
+            path: path.to_path_buf(),
+            meta,
+            decoder,
+            compression_code,
+            cache: Vec::new(),
+            chunk_ranges: None,
+        })
     }
 
     /// Fill `out` (`[bands.len(), rows.len(), width]`, sample values as f32 with NaN for nodata)
@@ -118,9 +128,27 @@ impl TiffFile {
         let chunk = guard(&self.path, || decoder.read_chunk(index))?;
         if self.compression_code == 8 || self.compression_code == 32946 {
             let declared = self.declared_bytes(place, sample_bytes(&chunk));
-            check_inflated_size(&self.path, &mut self.decoder, index, declared)?;
+            let range = self.chunk_range(index)?;
+            check_inflated_size(&self.path, self.decoder.inner(), range, index, declared)?;
         }
         Ok(chunk)
+    }
+
+    /// File offset and compressed length of chunk `index`.
+    fn chunk_range(&mut self, index: u32) -> Result<Option<(u64, u64)>, TileError> {
+        if self.chunk_ranges.is_none() {
+            let (offsets, counts) = match self.meta.tiled {
+                true => (Tag::TileOffsets, Tag::TileByteCounts),
+                false => (Tag::StripOffsets, Tag::StripByteCounts),
+            };
+            let decoder = &mut self.decoder;
+            let offsets = guard(&self.path, || decoder.get_tag_u64_vec(offsets))?;
+            let counts = guard(&self.path, || decoder.get_tag_u64_vec(counts))?;
+            self.chunk_ranges = Some((offsets, counts));
+        }
+        let (offsets, counts) = self.chunk_ranges.as_ref().expect("filled just above");
+        let i = index as usize;
+        Ok(offsets.get(i).copied().zip(counts.get(i).copied()))
     }
 
     /// Bytes a chunk decompresses to: whole tiles (edge tiles are padded), strips cut at the bottom.
@@ -253,22 +281,12 @@ fn sample_bytes(chunk: &DecodingResult) -> usize {
 /// This second pass costs one more inflate per deflate chunk (chunks are decoded once, see the cache).
 fn check_inflated_size(
     path: &Path,
-    decoder: &mut Decoder<BufReader<File>>,
+    reader: &mut BufReader<File>,
+    range: Option<(u64, u64)>,
     index: u32,
     decoded_bytes: u64,
 ) -> Result<(), TileError> {
-    let (offsets, counts) = match decoder.get_chunk_type() {
-        tiff::decoder::ChunkType::Strip => (Tag::StripOffsets, Tag::StripByteCounts),
-        tiff::decoder::ChunkType::Tile => (Tag::TileOffsets, Tag::TileByteCounts),
-    };
-    let offset = guard(path, || decoder.get_tag_u64_vec(offsets))?;
-    let count = guard(path, || decoder.get_tag_u64_vec(counts))?;
-    let (Some(&offset), Some(&count)) = (offset.get(index as usize), count.get(index as usize)) else {
-        return Ok(());
-    };
-
-    use std::io::{Seek, SeekFrom};
-    let reader = decoder.inner();
+    let Some((offset, count)) = range else { return Ok(()) };
     reader.seek(SeekFrom::Start(offset)).map_err(|e| TileError::io(path, e))?;
     let compressed = reader.take(count);
     let mut inflated = flate2::read::ZlibDecoder::new(compressed).take(decoded_bytes + 1);
@@ -302,15 +320,14 @@ fn open_checked(path: &Path) -> Result<File, TileError> {
         let header = header.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
         return Err(TileError::NotTiff { path: path.to_path_buf(), header });
     }
-    drop(file);
-    File::open(path).map_err(|e| TileError::io(path, e))
+    Ok(file)
 }
 
 /// Width, height and samples per pixel from the first IFD, read without the decoder, so that an
 /// oversized image is refused before the decoder builds anything for it. `None` when the IFD
 /// cannot be read this way (the decoder then reports why).
 fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
-    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0)).ok()?;
     let mut header = [0u8; 16];
     read_up_to(file, &mut header).ok()?;
     let le = &header[..2] == b"II";
@@ -347,7 +364,6 @@ fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
             _ => {}
         }
     }
-    file.seek(SeekFrom::Start(0)).ok()?;
     Some((w?, h?, spp))
 }
 
