@@ -2,12 +2,13 @@
 //! into a validated [`Config`] (file, then flags on top); each command then hands its stage the
 //! section it needs. Only this module prints to stdout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, parse_layout};
+use crate::tile;
 
 /// Continual DINO self-supervised training on Sentinel-2 tiles.
 #[derive(Debug, Parser)]
@@ -46,6 +47,21 @@ pub struct LayoutArg {
 pub enum Command {
     /// Print the effective configuration (file + defaults) as TOML after validating it.
     Config,
+    /// Describe tiles and BigEarthNet folders: format, size, bands, layout, georeference, statistics.
+    Inspect(InspectArgs),
+}
+
+/// `dinostream inspect PATH...`
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// TIFF files, BigEarthNet patch folders, or folders holding them.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// One JSON object per input, one per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub layout: LayoutArg,
 }
 
 /// Parse the process arguments (exits with usage help on error, as clap does).
@@ -78,7 +94,71 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", cfg.to_toml());
             Ok(())
         }
+        Command::Inspect(args) => inspect(cfg, &args),
     }
+}
+
+/// `inspect`: describe every input; a bad one prints `path: reason` and the rest go on. Fails at
+/// the end when any input failed.
+fn inspect(mut cfg: Config, args: &InspectArgs) -> Result<()> {
+    apply_layout(&mut cfg, &args.layout)?;
+    let mut failed = 0usize;
+    for path in &args.paths {
+        for input in expand_inputs(path, &mut failed) {
+            match tile::inspect(&input, &cfg.tile) {
+                Ok(info) if args.json => println!("{}", serde_json::to_string(&info)?),
+                Ok(info) => print!("{}", render_info(&info)),
+                Err(err) => {
+                    failed += 1;
+                    eprintln!("{err}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} input(s) could not be read");
+    }
+    Ok(())
+}
+
+/// The inputs a command-line path stands for: itself, or what a plain folder holds.
+fn expand_inputs(path: &Path, failed: &mut usize) -> Vec<tile::Input> {
+    let found = match tile::Input::detect(path) {
+        Err(tile::TileError::NotAnInput { .. }) if path.is_dir() => tile::list_inputs(path),
+        other => other.map(|i| vec![i]),
+    };
+    found.unwrap_or_else(|err| {
+        *failed += 1;
+        eprintln!("{err}");
+        Vec::new()
+    })
+}
+
+/// Human-readable `inspect` output for one input.
+fn render_info(info: &tile::InputInfo) -> String {
+    let mut s = format!("{}\n", info.path.display());
+    s += &format!("  format       {}\n", info.format);
+    s += &format!("  size         {} x {} px, {} bands\n", info.width, info.height, info.bands.len());
+    s += &format!("  data type    {}\n", info.data_type);
+    s += &format!("  compression  {}\n", info.compression);
+    s += &format!("  layout       {}, {}\n", info.interleave, info.chunking);
+    if let Some(g) = &info.georef {
+        let pair = |p: Option<[f64; 2]>| p.map(|[a, b]| format!("{a}, {b}")).unwrap_or_else(|| "-".into());
+        let epsg = g.epsg.map(|e| format!("EPSG:{e}")).unwrap_or_else(|| "unknown CRS".into());
+        s +=
+            &format!("  georef       {epsg}, pixel size {}, origin {}\n", pair(g.pixel_size), pair(g.origin));
+    }
+    let nodata = info.nodata.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+    s += &format!("  nodata       {nodata}\n");
+    if !info.labels.is_empty() {
+        s += &format!("  labels       {}\n", info.labels.join("; "));
+    }
+    s += "  band  size       min      mean     max   (reflectance)\n";
+    for b in &info.bands {
+        let size = format!("{}x{}", b.width, b.height);
+        s += &format!("  {:<5} {size:<9} {:8.4} {:8.4} {:8.4}\n", b.name, b.min, b.mean, b.max);
+    }
+    s
 }
 
 /// The config file if given, else the defaults; validated either way.
@@ -90,7 +170,6 @@ fn load_config(global: &GlobalArgs) -> Result<Config, ConfigError> {
 }
 
 /// Apply `--layout` on top of the config and re-validate it.
-#[allow(dead_code)]
 fn apply_layout(cfg: &mut Config, layout: &LayoutArg) -> Result<(), ConfigError> {
     if let Some(spec) = &layout.layout {
         parse_layout(spec).map_err(|reason| ConfigError::Invalid {

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, one module per area. They run the real `dinostream` binary on
 //! temporary folders (see `util.rs`).
 
+mod tiff_writer;
 mod util;
 
 mod cli;
+mod ingest;

@@ -1,0 +1,167 @@
+//! Cutting an image into patches: the rows of one patch row are read into a small buffer
+//! (`[C, patch_px, width]`, never the whole image), then each window is masked, scaled to
+//! reflectance and handed on, or skipped when too much of it is nodata.
+
+use std::ops::{ControlFlow, Range};
+use std::path::Path;
+
+use super::{Patch, PatchCount, TileError, Window};
+use crate::config::TileConfig;
+
+/// Something that can fill rows of its selected bands: raw sample values as f32, NaN for nodata.
+pub(crate) trait RowSource {
+    fn width(&self) -> usize;
+    fn height(&self) -> usize;
+    /// Fill `out` (`[bands, rows.len(), width]`) with rows `rows`.
+    fn read_rows(&mut self, rows: Range<usize>, out: &mut [f32]) -> Result<(), TileError>;
+}
+
+/// Patch origins along one axis: a side of `min(patch_px, dim)` stepped by `stride`, so an image
+/// smaller than the patch (EuroSAT's 64 px) is one patch of its own size.
+fn origins(dim: usize, side: usize, stride: usize) -> impl Iterator<Item = usize> {
+    (0..=dim - side).step_by(stride)
+}
+
+/// Cut `source` into patches per `cfg` and hand each to `sink`; stops early when `sink` breaks.
+pub(crate) fn cut_patches(
+    source: &mut dyn RowSource,
+    bands: &[String],
+    path: &Path,
+    cfg: &TileConfig,
+    sink: &mut dyn FnMut(Patch) -> ControlFlow<()>,
+) -> Result<PatchCount, TileError> {
+    let (width, height) = (source.width(), source.height());
+    let side_w = cfg.patch_px.min(width);
+    let side_h = cfg.patch_px.min(height);
+    let mut rows = vec![0f32; bands.len() * side_h * width];
+    let mut count = PatchCount::default();
+    for y in origins(height, side_h, cfg.stride_px) {
+        source.read_rows(y..y + side_h, &mut rows)?;
+        for x in origins(width, side_w, cfg.stride_px) {
+            let window = Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
+            let patch = extract(&rows, width, window, bands, path);
+            if patch.nodata_fraction > cfg.max_nodata_fraction {
+                count.skipped += 1;
+                continue;
+            }
+            count.yielded += 1;
+            if sink(patch).is_break() {
+                return Ok(count);
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// One window of the row buffer as reflectance; NaN values become 0 and, like all-zero pixels,
+/// count towards the nodata fraction.
+fn extract(rows: &[f32], row_width: usize, window: Window, bands: &[String], path: &Path) -> Patch {
+    let (w, h) = (window.width as usize, window.height as usize);
+    let plane = h * w;
+    let mut data = vec![0f32; bands.len() * plane];
+    let mut valid = vec![false; plane];
+    let mut bad = vec![false; plane];
+    for c in 0..bands.len() {
+        for r in 0..h {
+            let src = &rows[(c * h + r) * row_width + window.x as usize..][..w];
+            let dst = &mut data[c * plane + r * w..][..w];
+            for (i, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+                let nodata = v.is_nan();
+                bad[r * w + i] |= nodata;
+                valid[r * w + i] |= !nodata && v != 0.0;
+                *d = if nodata { 0.0 } else { v / 10000.0 };
+            }
+        }
+    }
+    let nodata = bad.iter().zip(&valid).filter(|&(&b, &v)| b || !v).count();
+    Patch {
+        data,
+        bands: bands.to_vec(),
+        height: h,
+        width: w,
+        source: path.to_path_buf(),
+        window,
+        nodata_fraction: nodata as f32 / plane as f32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ramp {
+        width: usize,
+        height: usize,
+    }
+
+    impl RowSource for Ramp {
+        fn width(&self) -> usize {
+            self.width
+        }
+        fn height(&self) -> usize {
+            self.height
+        }
+        fn read_rows(&mut self, rows: Range<usize>, out: &mut [f32]) -> Result<(), TileError> {
+            let n = rows.len();
+            for (i, y) in rows.enumerate() {
+                for x in 0..self.width {
+                    // Left half nodata in the first band, zero everywhere in the top row.
+                    out[i * self.width + x] =
+                        if x < self.width / 2 { f32::NAN } else { (y * 100 + x) as f32 };
+                    out[(n + i) * self.width + x] = if y == 0 { 0.0 } else { 5000.0 };
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn cut(width: usize, height: usize, cfg: &TileConfig) -> (Vec<Patch>, PatchCount) {
+        let mut out = Vec::new();
+        let bands = ["B02".to_string(), "B03".to_string()];
+        let mut src = Ramp { width, height };
+        let count = cut_patches(&mut src, &bands, Path::new("x"), cfg, &mut |p| {
+            out.push(p);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        (out, count)
+    }
+
+    #[test]
+    fn image_smaller_than_the_patch_is_one_patch_of_its_own_size() {
+        let cfg = TileConfig { max_nodata_fraction: 1.0, ..TileConfig::default() };
+        let (patches, _) = cut(64, 64, &cfg);
+        assert_eq!(patches.len(), 1);
+        assert_eq!((patches[0].width, patches[0].height), (64, 64));
+    }
+
+    #[test]
+    fn windows_follow_the_stride_and_drop_partial_edges() {
+        let cfg = TileConfig { patch_px: 4, stride_px: 3, max_nodata_fraction: 1.0, ..TileConfig::default() };
+        let (patches, count) = cut(10, 8, &cfg);
+        let origins: Vec<_> = patches.iter().map(|p| (p.window.x, p.window.y)).collect();
+        assert_eq!(origins, [(0, 0), (3, 0), (6, 0), (0, 3), (3, 3), (6, 3)]);
+        assert_eq!(count.yielded, 6);
+    }
+
+    #[test]
+    fn nodata_becomes_zero_and_is_counted() {
+        let cfg = TileConfig { patch_px: 4, stride_px: 4, max_nodata_fraction: 1.0, ..TileConfig::default() };
+        let (patches, _) = cut(8, 8, &cfg);
+        let left = &patches[0];
+        assert!(left.plane(0).iter().all(|&v| v == 0.0));
+        assert_eq!(left.nodata_fraction, 1.0);
+        let right = &patches[1];
+        // Only the first row (band 2 zero, band 1 valid) is fine: valid band 1 keeps it a data pixel.
+        assert_eq!(right.nodata_fraction, 0.0);
+        assert!((right.plane(0)[5] - 105.0 / 10000.0).abs() < 1e-9, "{}", right.plane(0)[5]);
+    }
+
+    #[test]
+    fn patches_above_the_nodata_threshold_are_skipped() {
+        let cfg = TileConfig { patch_px: 4, stride_px: 4, max_nodata_fraction: 0.5, ..TileConfig::default() };
+        let (patches, count) = cut(8, 8, &cfg);
+        assert_eq!((patches.len(), count.skipped), (2, 2));
+        assert!(patches.iter().all(|p| p.window.x == 4));
+    }
+}
