@@ -309,7 +309,7 @@ impl Tracker {
     fn touch_all(&mut self, paths: &[PathBuf], closed: Option<bool>, now: Instant) {
         for path in paths {
             if let Some((unit, kind)) = self.unit_of(path) {
-                let entry = self.pending.entry(unit).or_insert_with(|| Pending {
+                let entry = self.pending.entry(unit.clone()).or_insert_with(|| Pending {
                     kind,
                     closed: false,
                     sig: None,
@@ -318,6 +318,8 @@ impl Tracker {
                 });
                 entry.closed = closed.unwrap_or(entry.closed);
                 entry.since = now;
+                // the size to compare with once the settle time is over
+                entry.sig = if entry.closed { signature(&unit, entry.kind) } else { None };
             }
         }
     }
@@ -427,15 +429,18 @@ impl Tracker {
         Ok(())
     }
 
-    /// Move every closed path whose signature held still for `settle` to `ready`.
+    /// Move every closed path whose signature held still for `settle` to `ready`. Only paths
+    /// whose settle time is over are looked at (one `stat` each), so a burst of pending files
+    /// costs little per tick; writes in between arrive as events and restart the clock.
     fn poll(&mut self, now: Instant) {
         let mut done = Vec::new();
-        for (path, p) in self.pending.iter_mut().filter(|(_, p)| p.closed) {
+        let due = |p: &Pending| p.closed && now.duration_since(p.since) >= self.settle;
+        for (path, p) in self.pending.iter_mut().filter(|(_, p)| due(p)) {
             let sig = signature(path, p.kind);
-            if sig.is_none() || sig != p.sig {
-                (p.sig, p.since) = (sig, now);
-            } else if now.duration_since(p.since) >= self.settle {
+            if sig.is_some() && sig == p.sig {
                 done.push(path.clone());
+            } else {
+                (p.sig, p.since) = (sig, now);
             }
         }
         done.sort();
