@@ -296,6 +296,17 @@ impl Ledger {
     }
 
     fn drop_damaged_tail(&mut self, bytes: &[u8], good_len: usize) -> io::Result<()> {
+        if intact_record_after(bytes, good_len) {
+            // not a torn tail: damage in the middle. Keep the whole file for the operator.
+            let mut copy = self.path.clone().into_os_string();
+            copy.push(".damaged");
+            fs::write(&copy, bytes)?;
+            log::error!(
+                "{}: damaged record in the middle of the ledger; records after it are dropped (tiles in them are seen again as new); the original is kept as {}",
+                self.path.display(),
+                Path::new(&copy).display()
+            );
+        }
         log::warn!(
             "{}: dropping {} damaged bytes at the end of the ledger (torn by a crash?); tiles in them are seen again",
             self.path.display(),
@@ -490,6 +501,12 @@ fn decode_record(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     Some((record, at + 8 + len as usize))
 }
 
+/// Whether an intact record starts somewhere in the 64 KiB after the damaged one at `from`.
+fn intact_record_after(bytes: &[u8], from: usize) -> bool {
+    let end = bytes.len().min(from + 64 * 1024);
+    (from.max(MAGIC.len()) + 1..end).any(|at| decode_record(bytes, at).is_some_and(|(_, next)| next > at + 8))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,5 +687,30 @@ mod tests {
         let reason = "é".repeat(200);
         let short = short_reason(&reason);
         assert!(short.len() <= REASON_MAX_BYTES && reason.starts_with(short.as_str()));
+    }
+
+    #[test]
+    fn damage_in_the_middle_keeps_a_copy_of_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path(), 100);
+        let path = dir.path().join(LEDGER_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let first_payload = MAGIC.len() + 8;
+        bytes[first_payload + 2] ^= 0x55;
+        fs::write(&path, &bytes).unwrap();
+        let reopened = Ledger::open(dir.path(), 100).unwrap();
+        assert_eq!(reopened.counts().seen, 0);
+        assert_eq!(fs::read(dir.path().join("ledger.bin.damaged")).unwrap(), bytes);
+    }
+
+    #[test]
+    fn torn_tail_leaves_no_damaged_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path(), 100);
+        let path = dir.path().join(LEDGER_FILE);
+        let len = fs::metadata(&path).unwrap().len();
+        File::options().write(true).open(&path).unwrap().set_len(len - 1).unwrap();
+        Ledger::open(dir.path(), 100).unwrap();
+        assert!(!dir.path().join("ledger.bin.damaged").exists());
     }
 }
