@@ -18,7 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -82,6 +82,7 @@ pub struct Watcher {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
     _notify: notify::RecommendedWatcher,
+    troubles: Arc<AtomicU64>,
 }
 
 impl Watcher {
@@ -111,12 +112,19 @@ impl Watcher {
         inotify.watch(&root, RecursiveMode::Recursive).map_err(notify_err)?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let tracker = Tracker::new(root, cfg, tuning);
+        let troubles = Arc::clone(&tracker.trouble.total);
         let lp = Loop { tracker, events: event_rx, overflowed, stop: stop_rx, out };
         let thread = std::thread::Builder::new()
             .name("dinostream-watch".into())
             .spawn(move || lp.run())
             .map_err(|source| WatchError::Folder { path: cfg.watch_dir.clone(), source })?;
-        Ok(Watcher { stop: Some(stop_tx), thread: Some(thread), _notify: inotify })
+        Ok(Watcher { stop: Some(stop_tx), thread: Some(thread), _notify: inotify, troubles })
+    }
+
+    /// How often events were lost (inotify or our queue overflowed) or notify reported an error;
+    /// each one led to a rescan. For status counters.
+    pub fn troubles(&self) -> u64 {
+        self.troubles.load(Ordering::Relaxed)
     }
 
     /// Stop watching and wait for the thread to end.
@@ -226,11 +234,13 @@ struct Throttled {
     interval: Duration,
     last: Option<Instant>,
     count: u64,
+    total: Arc<AtomicU64>,
 }
 
 impl Throttled {
     fn note(&mut self, what: &str, now: Instant) {
         self.count += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
         if self.last.is_none_or(|t| now.duration_since(t) >= self.interval) {
             log::warn!(
                 "watcher: {what} ({} time(s) since the last report); rescanning the folder",
@@ -271,7 +281,7 @@ impl Tracker {
             ready: VecDeque::new(),
             last_rescan: Instant::now(),
             rescan_due: false,
-            trouble: Throttled { interval: rescan_every, last: None, count: 0 },
+            trouble: Throttled { interval: rescan_every, last: None, count: 0, total: Arc::default() },
         }
     }
 
@@ -619,11 +629,12 @@ mod tests {
     fn burst_of_2000_files_is_reported_exactly_once_each_despite_overflow() {
         let dir = tempfile::tempdir().unwrap();
         // a tiny event queue forces overflows: the rescan has to find what the events missed
-        let (_w, rx) = start(&config(dir.path(), false, 50), 16);
+        let (w, rx) = start(&config(dir.path(), false, 50), 16);
         for n in 0..2000 {
             fs::write(dir.path().join(format!("t{n:04}.tif")), n.to_string()).unwrap();
         }
         let got = collect(&rx, 2000, Duration::from_millis(1500));
+        assert!(w.troubles() > 0, "the test meant to overflow the event queue");
         let unique: std::collections::HashSet<_> = got.iter().map(|c| c.path.clone()).collect();
         assert_eq!(unique.len(), 2000);
         assert_eq!(got.len(), 2000, "duplicates reported");
@@ -649,6 +660,22 @@ mod tests {
             }]
         );
         assert_eq!(fs::read_dir(&folder).unwrap().count(), bands.len());
+    }
+
+    #[test]
+    fn patch_folder_renamed_in_is_one_candidate_in_both_modes() {
+        for recursive in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (watch, outside) = (dir.path().join("in"), dir.path().join("staging/S2B_y_3_4"));
+            fs::create_dir_all(&outside).unwrap();
+            fs::write(outside.join("S2B_y_3_4_B02.tif"), b"b02").unwrap();
+            fs::write(outside.join("S2B_y_3_4_labels_metadata.json"), b"{}").unwrap();
+            let (_w, rx) = start(&config(&watch, recursive, 50), 4096);
+            fs::rename(&outside, watch.join("S2B_y_3_4")).unwrap();
+            let got = collect(&rx, 1, Duration::from_millis(400));
+            assert_eq!(names(&got), ["S2B_y_3_4"], "recursive = {recursive}");
+            assert_eq!(got[0].kind, CandidateKind::Folder);
+        }
     }
 
     #[test]
