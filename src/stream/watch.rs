@@ -306,8 +306,9 @@ impl Tracker {
                 self.touch_all(&event.paths, Some(true), now)
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                self.forget(&event.paths[..1.min(event.paths.len())], now);
-                self.touch_all(&event.paths[1.min(event.paths.len())..], Some(true), now);
+                let (from, to) = event.paths.split_at(1.min(event.paths.len()));
+                self.forget(from, now);
+                self.touch_all(to, Some(true), now);
             }
             EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => self.forget(&event.paths, now),
             EventKind::Modify(ModifyKind::Metadata(_)) => self.touch_all(&event.paths, None, now),
