@@ -24,6 +24,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// The DINO training step, loss and schedules.
     pub train: TrainConfig,
+    /// The watched folder, the tile ledger and the replay buffer.
+    pub stream: StreamConfig,
 }
 
 /// Ingest settings (`[tile]`).
@@ -237,6 +239,88 @@ impl Default for TrainConfig {
     }
 }
 
+/// What happens to a tile's file after it was trained (`stream.handled`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HandledPolicy {
+    /// Leave it where it is; the ledger remembers it was trained.
+    Keep,
+    /// Move it into `processed/` inside the watched folder.
+    Move,
+    /// Delete it.
+    Delete,
+}
+
+/// What happens to a file that could not be used (`stream.rejected`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectedPolicy {
+    /// Move it into `rejected/` inside the watched folder, with a `<name>.reason.txt` beside it.
+    Move,
+    /// Leave it in place; only the ledger records the reason.
+    Record,
+}
+
+/// Which patch a full replay buffer evicts (`stream.replay_policy`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayPolicy {
+    /// Reservoir sampling: every patch ever offered is in the buffer with equal probability.
+    Reservoir,
+    /// First in, first out: the buffer holds the most recent patches.
+    Fifo,
+}
+
+/// Streaming settings (`[stream]`): the watched folder, the ledger and the replay buffer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Folder watched for new tiles (created when missing). Its `processed/` and `rejected/`
+    /// subfolders are never watched.
+    pub watch_dir: PathBuf,
+    /// Also watch subfolders. BigEarthNet patch folders (`*_B02.tif`-style band files) are one tile
+    /// either way; with this off, other subfolders are ignored.
+    pub recursive: bool,
+    /// A file (or patch folder) is taken once its size and mtime have not changed for this long
+    /// after its writer closed it or it was renamed in.
+    pub settle_ms: u64,
+    /// Full rescan of the watched folder every this many seconds (inotify drops events under
+    /// bursts; a rescan finds what was missed).
+    pub rescan_secs: u64,
+    /// After training: `keep` the file in place, `move` it to `processed/`, or `delete` it.
+    pub handled: HandledPolicy,
+    /// After a rejection: `move` the file to `rejected/` with a `<name>.reason.txt`, or `record`
+    /// the reason in the ledger only.
+    pub rejected: RejectedPolicy,
+    /// Replay buffer size in patches (memory: about `C * H * W * 4` bytes each, 576 KB for 10 bands
+    /// at 120 px).
+    pub replay_capacity_patches: usize,
+    /// Which patch a full replay buffer evicts: `reservoir` or `fifo`.
+    pub replay_policy: ReplayPolicy,
+    /// Share of fresh (never trained) patches in each batch (0..=1]; the rest is replayed.
+    pub fresh_fraction: f64,
+    /// Rewrite the ledger as one record per tile once the log holds this many records more than
+    /// there are tiles.
+    pub ledger_compact_records: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            watch_dir: PathBuf::from("incoming"),
+            recursive: false,
+            settle_ms: 1000,
+            rescan_secs: 30,
+            handled: HandledPolicy::Keep,
+            rejected: RejectedPolicy::Move,
+            replay_capacity_patches: 1024,
+            replay_policy: ReplayPolicy::Reservoir,
+            fresh_fraction: 0.5,
+            ledger_compact_records: 10_000,
+        }
+    }
+}
+
 /// One invalid setting: the key, the value found, and what is allowed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyError {
@@ -297,6 +381,7 @@ impl Config {
         self.augment.check(&mut v);
         self.model.check(&mut v);
         self.train.check(&mut v);
+        self.stream.check(&mut v);
         if v.errors.is_empty() { Ok(()) } else { Err(v.errors) }
     }
 
@@ -469,6 +554,20 @@ impl TrainConfig {
     }
 }
 
+impl StreamConfig {
+    fn check(&self, v: &mut Validator) {
+        if self.watch_dir.as_os_str().is_empty() {
+            v.fail("stream.watch_dir", "is empty; name the folder to watch, e.g. \"incoming\"".into());
+        }
+        v.positive("stream.rescan_secs", self.rescan_secs as usize);
+        v.positive("stream.replay_capacity_patches", self.replay_capacity_patches);
+        if !(self.fresh_fraction > 0.0 && self.fresh_fraction <= 1.0) {
+            v.fail("stream.fresh_fraction", format!("is {}; must be in (0, 1]", self.fresh_fraction));
+        }
+        v.positive("stream.ledger_compact_records", self.ledger_compact_records);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,5 +627,50 @@ mod tests {
         let cfg = Config::from_toml("[train]\nbatch_size = 8\n").unwrap();
         assert_eq!(cfg.train.batch_size, 8);
         assert_eq!(cfg.train.lr, 5e-4);
+    }
+
+    #[test]
+    fn stream_section_defaults_match_the_docs() {
+        let cfg = Config::from_toml("").unwrap().stream;
+        assert_eq!(cfg.watch_dir, Path::new("incoming"));
+        assert!(!cfg.recursive);
+        assert_eq!((cfg.settle_ms, cfg.rescan_secs), (1000, 30));
+        assert_eq!((cfg.handled, cfg.rejected), (HandledPolicy::Keep, RejectedPolicy::Move));
+        assert_eq!(cfg.replay_capacity_patches, 1024);
+        assert_eq!(cfg.replay_policy, ReplayPolicy::Reservoir);
+        assert_eq!(cfg.fresh_fraction, 0.5);
+        assert_eq!(cfg.ledger_compact_records, 10_000);
+    }
+
+    #[test]
+    fn stream_policies_are_read_in_lowercase() {
+        let cfg = Config::from_toml(
+            "[stream]\nhandled = \"delete\"\nrejected = \"record\"\nreplay_policy = \"fifo\"\nrecursive = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.stream.handled, HandledPolicy::Delete);
+        assert_eq!(cfg.stream.rejected, RejectedPolicy::Record);
+        assert_eq!(cfg.stream.replay_policy, ReplayPolicy::Fifo);
+        assert!(cfg.stream.recursive);
+        assert!(Config::from_toml("[stream]\nhandled = \"archive\"\n").unwrap_err().contains("archive"));
+    }
+
+    #[test]
+    fn every_invalid_stream_value_is_reported_with_its_key() {
+        let errs = errors_of(
+            "[stream]\nwatch_dir = \"\"\nrescan_secs = 0\nreplay_capacity_patches = 0\nfresh_fraction = 0.0\nledger_compact_records = 0\n",
+        );
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "stream.watch_dir",
+                "stream.rescan_secs",
+                "stream.replay_capacity_patches",
+                "stream.fresh_fraction",
+                "stream.ledger_compact_records"
+            ]
+        );
+        assert!(errors_of("[stream]\nfresh_fraction = 1.5\n")[0].reason.contains("(0, 1]"));
     }
 }

@@ -12,6 +12,8 @@
 //! - [`fsio`]: atomic file writes; the only place that renames files.
 //! - [`tile`]: ingest. A path becomes [`tile::Patch`]es: `[C, H, W]` f32 reflectance with band names
 //!   and the source window. TIFF decoding sits behind a panic boundary here and nowhere else.
+//! - [`stream`]: watch the incoming folder, remember every tile in the ledger, mix fresh and
+//!   replayed patches into batches.
 //! - [`augment`]: multi-crop views and batches (plain f32, no candle).
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
@@ -20,4 +22,5 @@ pub mod service;
 pub mod cli;
 pub mod config;
 pub mod fsio;
+pub mod stream;
 pub mod tile;

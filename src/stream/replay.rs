@@ -1,0 +1,522 @@
+//! Replay: a bounded buffer of already-trained patches, and the [`Mixer`] that builds each batch
+//! from fresh patches and replayed ones.
+//!
+//! Fresh patches wait in a fixed-capacity queue ([`FRESH_CAPACITY`], a `heapless::Deque`; a full
+//! queue hands the patch back so ingest waits). A batch takes about `fresh_fraction` of its
+//! patches from that queue (more when the buffer is still small) and samples the rest, without
+//! repetition, from the replay buffer. Fresh patches enter the buffer after their batch was built:
+//! reservoir sampling keeps every patch ever seen with equal probability, FIFO keeps the newest.
+//! The buffer never holds more than `replay_capacity_patches` patches, whatever arrives.
+//!
+//! The mixer's whole state (RNG position, buffer, fresh queue, per-tile progress) is a plain
+//! [`MixerState`] value; restoring it continues the exact same sequence of batches.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ReplayPolicy, StreamConfig};
+use crate::stream::TileId;
+use crate::tile::{Patch, Window};
+
+/// Fresh patches that may wait for training at once (backpressure beyond this).
+pub const FRESH_CAPACITY: usize = 256;
+
+/// What [`Mixer::push_fresh`] did with a patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for training.
+    Queued,
+    /// Dropped: the restored state already holds (or trained) this patch of the tile.
+    AlreadyQueued,
+}
+
+/// One batch: `fresh` new patches first, then replayed ones.
+#[derive(Debug, Clone)]
+pub struct MixedBatch {
+    /// The patches, fresh ones first.
+    pub patches: Vec<Arc<Patch>>,
+    /// The tile each patch came from.
+    pub tiles: Vec<TileId>,
+    /// How many of `patches` are fresh.
+    pub fresh: usize,
+}
+
+/// A patch with its tile, as stored in the buffer and the fresh queue.
+#[derive(Debug, Clone)]
+struct Slot {
+    tile: TileId,
+    patch: Arc<Patch>,
+}
+
+/// Ingest progress of a tile whose patches are (or were just) in the fresh queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TileProgress {
+    /// Patches pushed so far.
+    pub pushed: u64,
+    /// Of those, still waiting in the fresh queue.
+    pub queued: u64,
+    /// Ingest said there are no more patches.
+    pub finished: bool,
+    /// Patches to drop on re-ingest after a restore (they were pushed before the checkpoint).
+    pub skip: u64,
+}
+
+/// The bounded replay buffer.
+#[derive(Debug, Clone)]
+struct ReplayBuffer {
+    policy: ReplayPolicy,
+    capacity: usize,
+    /// Patches ever offered.
+    offered: u64,
+    slots: Vec<Slot>,
+}
+
+impl ReplayBuffer {
+    fn new(policy: ReplayPolicy, capacity: usize) -> ReplayBuffer {
+        ReplayBuffer { policy, capacity: capacity.max(1), offered: 0, slots: Vec::new() }
+    }
+
+    /// Offer a trained patch; it may evict one (FIFO: the oldest; reservoir: Algorithm R).
+    fn offer(&mut self, slot: Slot, rng: &mut ChaCha8Rng) {
+        let seen = self.offered;
+        self.offered += 1;
+        if self.slots.len() < self.capacity {
+            self.slots.push(slot);
+            return;
+        }
+        let victim = match self.policy {
+            ReplayPolicy::Fifo => (seen % self.capacity as u64) as usize,
+            ReplayPolicy::Reservoir => rng.random_range(0..=seen) as usize,
+        };
+        if victim < self.capacity {
+            self.slots[victim] = slot;
+        }
+    }
+}
+
+/// Builds batches from fresh and replayed patches; see the module doc.
+#[derive(Debug)]
+pub struct Mixer {
+    fresh_fraction: f64,
+    rng: ChaCha8Rng,
+    buffer: ReplayBuffer,
+    fresh: heapless::Deque<Slot, FRESH_CAPACITY>,
+    tiles: BTreeMap<TileId, TileProgress>,
+    completed: Vec<TileId>,
+}
+
+impl Mixer {
+    /// An empty mixer for `cfg` (`replay_capacity_patches`, `replay_policy`, `fresh_fraction`),
+    /// its RNG seeded with `seed`.
+    pub fn new(cfg: &StreamConfig, seed: u64) -> Mixer {
+        Mixer {
+            fresh_fraction: cfg.fresh_fraction,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            buffer: ReplayBuffer::new(cfg.replay_policy, cfg.replay_capacity_patches),
+            fresh: heapless::Deque::new(),
+            tiles: BTreeMap::new(),
+            completed: Vec::new(),
+        }
+    }
+
+    /// Queue a fresh patch of `tile`. A full queue hands the patch back: build a batch, then retry.
+    pub fn push_fresh(&mut self, tile: TileId, patch: Patch) -> Result<Pushed, Patch> {
+        let progress = self.tiles.entry(tile).or_default();
+        if progress.skip > 0 {
+            progress.skip -= 1;
+            return Ok(Pushed::AlreadyQueued);
+        }
+        if self.fresh.is_full() {
+            return Err(patch);
+        }
+        progress.pushed += 1;
+        progress.queued += 1;
+        let pushed = self.fresh.push_back(Slot { tile, patch: Arc::new(patch) });
+        debug_assert!(pushed.is_ok(), "checked is_full above");
+        Ok(Pushed::Queued)
+    }
+
+    /// Say that `tile` has no more patches. Once all its queued patches are in batches it is
+    /// returned by [`Mixer::take_completed`].
+    pub fn finish_tile(&mut self, tile: TileId) {
+        let progress = self.tiles.entry(tile).or_default();
+        progress.finished = true;
+        progress.skip = 0;
+        self.complete_if_done(tile);
+    }
+
+    /// Whether `tile` must be (re-)ingested: false when its patches are all in the restored state.
+    pub fn needs_ingest(&self, tile: TileId) -> bool {
+        !self.tiles.get(&tile).is_some_and(|p| p.finished)
+    }
+
+    /// Tiles whose every patch went into a batch since the last call (mark them trained).
+    pub fn take_completed(&mut self) -> Vec<TileId> {
+        std::mem::take(&mut self.completed)
+    }
+
+    /// Fresh patches waiting.
+    pub fn fresh_len(&self) -> usize {
+        self.fresh.len()
+    }
+
+    /// Patches in the replay buffer.
+    pub fn replay_len(&self) -> usize {
+        self.buffer.slots.len()
+    }
+
+    /// The next batch of `batch_size` distinct patches, or `None` until there is at least one fresh
+    /// patch and enough patches in all.
+    pub fn next_batch(&mut self, batch_size: usize) -> Option<MixedBatch> {
+        let (n_fresh, n_replay) = self.split(batch_size)?;
+        let picks = rand::seq::index::sample(&mut self.rng, self.buffer.slots.len(), n_replay).into_vec();
+        let mut batch = MixedBatch { patches: Vec::new(), tiles: Vec::new(), fresh: n_fresh };
+        let mut used = Vec::with_capacity(n_fresh);
+        for _ in 0..n_fresh {
+            let slot = self.fresh.pop_front().expect("split() counted the fresh queue");
+            self.consumed(slot.tile);
+            used.push(slot);
+        }
+        let replayed = picks.into_iter().map(|i| self.buffer.slots[i].clone());
+        for slot in used.iter().cloned().chain(replayed) {
+            batch.tiles.push(slot.tile);
+            batch.patches.push(slot.patch);
+        }
+        for slot in used {
+            self.buffer.offer(slot, &mut self.rng);
+        }
+        Some(batch)
+    }
+
+    /// How many fresh and replayed patches the next batch takes.
+    fn split(&self, batch_size: usize) -> Option<(usize, usize)> {
+        if self.fresh.is_empty() || batch_size == 0 {
+            return None;
+        }
+        let target = ((batch_size as f64 * self.fresh_fraction).ceil() as usize).clamp(1, batch_size);
+        let needed = target.max(batch_size.saturating_sub(self.buffer.slots.len()));
+        let n_fresh = needed.min(self.fresh.len());
+        (n_fresh + self.buffer.slots.len() >= batch_size).then_some((n_fresh, batch_size - n_fresh))
+    }
+
+    fn consumed(&mut self, tile: TileId) {
+        if let Some(progress) = self.tiles.get_mut(&tile) {
+            progress.queued -= 1;
+        }
+        self.complete_if_done(tile);
+    }
+
+    fn complete_if_done(&mut self, tile: TileId) {
+        if self.tiles.get(&tile).is_some_and(|p| p.finished && p.queued == 0) {
+            self.tiles.remove(&tile);
+            self.completed.push(tile);
+        }
+    }
+
+    /// The whole state, for a checkpoint.
+    pub fn state(&self) -> MixerState {
+        MixerState {
+            rng: RngState::of(&self.rng),
+            offered: self.buffer.offered,
+            buffer: self.buffer.slots.iter().map(StoredPatch::from).collect(),
+            fresh: self.fresh.iter().map(StoredPatch::from).collect(),
+            tiles: self.tiles.iter().map(|(&t, &p)| (t, p)).collect(),
+            completed: self.completed.clone(),
+        }
+    }
+
+    /// A mixer that continues exactly where `state` was taken. Tiles that were still being
+    /// ingested skip the patches already pushed when they are pushed again.
+    pub fn restore(cfg: &StreamConfig, state: MixerState) -> Mixer {
+        let mut mixer = Mixer::new(cfg, 0);
+        mixer.rng = state.rng.rng();
+        mixer.buffer.offered = state.offered;
+        mixer.buffer.slots = state.buffer.into_iter().map(Slot::from).collect();
+        if mixer.buffer.slots.len() > mixer.buffer.capacity {
+            log::warn!(
+                "replay buffer: the checkpoint holds {} patches, stream.replay_capacity_patches is {}; dropping the rest",
+                mixer.buffer.slots.len(),
+                mixer.buffer.capacity
+            );
+            mixer.buffer.slots.truncate(mixer.buffer.capacity);
+        }
+        for stored in state.fresh {
+            if mixer.fresh.push_back(Slot::from(stored)).is_err() {
+                log::warn!(
+                    "replay: more fresh patches in the checkpoint than fit the queue; the rest is re-ingested"
+                );
+                break;
+            }
+        }
+        mixer.tiles =
+            state.tiles.into_iter().map(|(t, p)| (t, TileProgress { skip: p.pushed, ..p })).collect();
+        mixer.completed = state.completed;
+        mixer
+    }
+}
+
+/// Everything a [`Mixer`] needs to continue bit-exactly: plain, serialisable data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixerState {
+    /// RNG position.
+    pub rng: RngState,
+    /// Patches ever offered to the buffer (reservoir and FIFO positions depend on it).
+    pub offered: u64,
+    /// Replay buffer contents, slot by slot.
+    pub buffer: Vec<StoredPatch>,
+    /// Fresh queue contents, oldest first.
+    pub fresh: Vec<StoredPatch>,
+    /// Tiles being ingested or in the fresh queue.
+    pub tiles: Vec<(TileId, TileProgress)>,
+    /// Completed tiles not yet taken.
+    pub completed: Vec<TileId>,
+}
+
+impl MixerState {
+    /// Encode with postcard (for a checkpoint file).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("mixer state always serialises")
+    }
+
+    /// Decode what [`MixerState::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<MixerState, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+/// A ChaCha8 RNG's exact position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    /// The seed.
+    pub seed: [u8; 32],
+    /// The stream number.
+    pub stream: u64,
+    /// Words consumed.
+    pub word_pos: u128,
+}
+
+impl RngState {
+    fn of(rng: &ChaCha8Rng) -> RngState {
+        RngState { seed: rng.get_seed(), stream: rng.get_stream(), word_pos: rng.get_word_pos() }
+    }
+
+    fn rng(&self) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::from_seed(self.seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(self.word_pos);
+        rng
+    }
+}
+
+/// A [`Patch`] with its tile, as serialisable data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPatch {
+    /// The tile it came from.
+    pub tile: TileId,
+    /// `[C, H, W]` values.
+    pub data: Vec<f32>,
+    /// Band names.
+    pub bands: Vec<String>,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// Source file or folder (lossy for non-UTF-8 names; informational).
+    pub source: String,
+    /// Window in the source.
+    pub window: Window,
+    /// Nodata share.
+    pub nodata_fraction: f32,
+}
+
+impl From<&Slot> for StoredPatch {
+    fn from(slot: &Slot) -> Self {
+        let p = &slot.patch;
+        StoredPatch {
+            tile: slot.tile,
+            data: p.data.clone(),
+            bands: p.bands.clone(),
+            height: p.height,
+            width: p.width,
+            source: p.source.to_string_lossy().into_owned(),
+            window: p.window,
+            nodata_fraction: p.nodata_fraction,
+        }
+    }
+}
+
+impl From<StoredPatch> for Slot {
+    fn from(s: StoredPatch) -> Self {
+        let patch = Patch {
+            data: s.data,
+            bands: s.bands,
+            height: s.height,
+            width: s.width,
+            source: PathBuf::from(s.source),
+            window: s.window,
+            nodata_fraction: s.nodata_fraction,
+        };
+        Slot { tile: s.tile, patch: Arc::new(patch) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1x2x2 patch whose values and window encode `n`.
+    fn patch(n: u32) -> Patch {
+        Patch {
+            data: vec![n as f32; 4],
+            bands: vec!["B04".into()],
+            height: 2,
+            width: 2,
+            source: PathBuf::from(format!("t{n}.tif")),
+            window: Window { x: n, y: 0, width: 2, height: 2 },
+            nodata_fraction: 0.0,
+        }
+    }
+
+    fn cfg(capacity: usize, policy: ReplayPolicy, fresh_fraction: f64) -> StreamConfig {
+        StreamConfig {
+            replay_capacity_patches: capacity,
+            replay_policy: policy,
+            fresh_fraction,
+            ..StreamConfig::default()
+        }
+    }
+
+    fn ids(batch: &MixedBatch) -> Vec<u32> {
+        batch.patches.iter().map(|p| p.window.x).collect()
+    }
+
+    /// Push patches `from..to` (tile = patch number, one patch per tile) and take batches as needed.
+    fn feed(mixer: &mut Mixer, from: u32, to: u32, batch_size: usize) -> Vec<Vec<u32>> {
+        let mut batches = Vec::new();
+        for n in from..to {
+            mixer.push_fresh(TileId(n as u64), patch(n)).unwrap();
+            mixer.finish_tile(TileId(n as u64));
+            if let Some(b) = mixer.next_batch(batch_size) {
+                batches.push(ids(&b));
+            }
+        }
+        batches
+    }
+
+    #[test]
+    fn reservoir_keeps_every_part_of_the_stream_about_equally() {
+        let mut per_decile = [0u32; 10];
+        for seed in 0..20 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut buffer = ReplayBuffer::new(ReplayPolicy::Reservoir, 100);
+            for n in 0..10_000 {
+                buffer.offer(Slot { tile: TileId(n), patch: Arc::new(patch(0)) }, &mut rng);
+            }
+            assert_eq!(buffer.slots.len(), 100);
+            for slot in &buffer.slots {
+                per_decile[(slot.tile.0 / 1000) as usize] += 1;
+            }
+        }
+        // 2000 kept patches, 200 expected per decile
+        assert!(per_decile.iter().all(|&c| (150..=250).contains(&c)), "{per_decile:?}");
+    }
+
+    #[test]
+    fn fifo_keeps_the_newest_patches() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut buffer = ReplayBuffer::new(ReplayPolicy::Fifo, 10);
+        for n in 0..95 {
+            buffer.offer(Slot { tile: TileId(n), patch: Arc::new(patch(0)) }, &mut rng);
+        }
+        let mut kept: Vec<u64> = buffer.slots.iter().map(|s| s.tile.0).collect();
+        kept.sort();
+        assert_eq!(kept, (85..95).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn memory_stays_bounded_however_many_patches_arrive() {
+        let mut mixer = Mixer::new(&cfg(50, ReplayPolicy::Reservoir, 0.5), 1);
+        let mut refused = 0;
+        for n in 0..10_000 {
+            if mixer.push_fresh(TileId(n), patch(n as u32)).is_err() {
+                refused += 1;
+            }
+            assert!(mixer.fresh_len() <= FRESH_CAPACITY);
+            if n % 7 == 0 {
+                mixer.next_batch(8);
+            }
+            assert!(mixer.replay_len() <= 50);
+        }
+        assert!(refused > 0, "a full fresh queue must push back");
+    }
+
+    #[test]
+    fn batches_mix_fresh_and_replayed_patches_by_the_configured_share() {
+        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.25), 3);
+        let batches = feed(&mut mixer, 0, 8, 8);
+        assert_eq!(batches.len(), 1, "the first batch waits for 8 patches: {batches:?}");
+        for n in 8..16 {
+            mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
+        }
+        let batch = mixer.next_batch(8).unwrap();
+        assert_eq!(batch.fresh, 2);
+        assert_eq!(ids(&batch)[..2], [8, 9]);
+        assert!(ids(&batch)[2..].iter().all(|&n| n < 8), "replayed patches are trained ones");
+        let mut unique = ids(&batch);
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 8, "no patch twice in a batch");
+    }
+
+    #[test]
+    fn a_tile_completes_when_its_last_patch_was_batched() {
+        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 1.0), 0);
+        for n in 0..3 {
+            mixer.push_fresh(TileId(7), patch(n)).unwrap();
+        }
+        mixer.next_batch(2).unwrap();
+        mixer.finish_tile(TileId(7));
+        assert!(mixer.take_completed().is_empty());
+        mixer.push_fresh(TileId(8), patch(9)).unwrap();
+        mixer.next_batch(2).unwrap();
+        assert_eq!(mixer.take_completed(), [TileId(7)]);
+        mixer.finish_tile(TileId(9));
+        assert_eq!(mixer.take_completed(), [TileId(9)], "a tile without patches completes at once");
+    }
+
+    #[test]
+    fn restored_state_continues_with_the_same_batches() {
+        let c = cfg(16, ReplayPolicy::Reservoir, 0.5);
+        let mut straight = Mixer::new(&c, 42);
+        let first = feed(&mut straight, 0, 40, 6);
+        // a tile half pushed at the checkpoint
+        for n in 40..43 {
+            straight.push_fresh(TileId(40), patch(n)).unwrap();
+        }
+        let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
+        assert_eq!(saved, straight.state());
+        let mut resumed = Mixer::restore(&c, saved);
+        // re-ingest of the half-pushed tile: its first three patches are dropped
+        for n in 40..46 {
+            let r = resumed.push_fresh(TileId(40), patch(n)).unwrap();
+            assert_eq!(r == Pushed::AlreadyQueued, n < 43);
+        }
+        for n in 43..46 {
+            straight.push_fresh(TileId(40), patch(n)).unwrap();
+        }
+        for m in [&mut straight, &mut resumed] {
+            m.finish_tile(TileId(40));
+        }
+        let a = feed(&mut straight, 46, 90, 6);
+        let b = feed(&mut resumed, 46, 90, 6);
+        assert!(!first.is_empty() && !a.is_empty());
+        assert_eq!(a, b);
+        assert_eq!(straight.take_completed(), resumed.take_completed());
+        assert_eq!(straight.state(), resumed.state());
+    }
+}
