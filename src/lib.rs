@@ -13,10 +13,14 @@
 //! - [`tile`]: ingest. A path becomes [`tile::Patch`]es: `[C, H, W]` f32 reflectance with band names
 //!   and the source window. TIFF decoding sits behind a panic boundary here and nowhere else.
 //! - [`augment`]: multi-crop views and batches (plain f32, no candle).
+//! - [`model`]: the ViT backbone, DINO head and multi-crop wrapper on candle, from `models/*.toml`.
+//! - [`dino`]: loss, schedules, optimiser, teacher EMA, the training step, checkpoints.
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
 pub mod augment;
 pub mod cli;
 pub mod config;
+pub mod dino;
 pub mod fsio;
+pub mod model;
 pub mod tile;
