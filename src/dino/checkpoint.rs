@@ -242,3 +242,84 @@ fn read_tensors(
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
     Ok((tensors, meta))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dino::step::tests::{micro_trainer, noise_batch};
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    fn assert_same_tensors(a: &Trainer, b: &Trainer) {
+        for (pa, pb) in [(a.student_params(), b.student_params()), (a.teacher_params(), b.teacher_params())] {
+            assert_eq!(pa.len(), pb.len());
+            for (name, var) in pa.iter() {
+                assert_eq!(bits(var.as_tensor()), bits(pb.get(name).unwrap().as_tensor()), "{name}");
+            }
+        }
+        assert_eq!(bits(&a.state().center), bits(&b.state().center), "center");
+        let (ma, mb) = (&a.state().optimizer.moments, &b.state().optimizer.moments);
+        assert_eq!(ma.keys().collect::<Vec<_>>(), mb.keys().collect::<Vec<_>>());
+        for (name, m) in ma {
+            assert_eq!(m.step, mb[name].step, "{name}");
+            assert_eq!(bits(&m.exp_avg), bits(&mb[name].exp_avg), "{name}");
+            assert_eq!(bits(&m.exp_avg_sq), bits(&mb[name].exp_avg_sq), "{name}");
+        }
+        assert_eq!(a.state().step, b.state().step);
+    }
+
+    #[test]
+    fn a_step_after_reload_equals_a_step_without_reload_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut straight = micro_trainer();
+        straight.step(&noise_batch(1)).unwrap();
+        save(dir.path(), &straight).unwrap();
+        let mut resumed = load(dir.path(), &Device::Cpu).unwrap();
+        assert_same_tensors(&straight, &resumed);
+        assert!(
+            !resumed.state().optimizer.moments.contains_key("head.last_layer.weight_v"),
+            "frozen in epoch 0"
+        );
+        for seed in [2, 3] {
+            let a = straight.step(&noise_batch(seed)).unwrap();
+            let b = resumed.step(&noise_batch(seed)).unwrap();
+            assert_eq!(a, b);
+        }
+        assert_same_tensors(&straight, &resumed);
+    }
+
+    #[test]
+    fn the_model_file_carries_the_preset_bands_and_step() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &micro_trainer()).unwrap();
+        let bytes = std::fs::read(dir.path().join(MODEL_FILE)).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap();
+        assert_eq!(meta["step"], "0");
+        assert!(meta["bands"].starts_with("B02,B03"));
+        assert!(meta["preset"].contains("vit-micro-p8"));
+        let names = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().len();
+        assert_eq!(names, 2 * micro_trainer().student_params().len() + 1);
+    }
+
+    #[test]
+    fn files_from_two_different_steps_are_reported_as_an_incomplete_checkpoint() {
+        let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut trainer = micro_trainer();
+        save(old.path(), &trainer).unwrap();
+        trainer.step(&noise_batch(1)).unwrap();
+        save(new.path(), &trainer).unwrap();
+        std::fs::copy(new.path().join(STATE_FILE), old.path().join(STATE_FILE)).unwrap();
+        let err = load(old.path(), &Device::Cpu).err().expect("mixed files must not load");
+        assert!(matches!(err, CheckpointError::Inconsistent { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_checkpoint_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(&dir.path().join("nope"), &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("state.json"), "{err}");
+    }
+}

@@ -5,8 +5,10 @@
 //! **Schedule span.** DINO indexes its schedules by iteration over `epochs * niter_per_ep`
 //! iterations and its teacher temperature by epoch. A `train --steps N` run has no natural
 //! epoch, so [`ScheduleSpan::for_steps`] takes `niter_per_ep = max(1, dataset_len / batch_size)`
-//! (DINO's DataLoader drops the last partial batch) and `epochs = ceil(N / niter_per_ep)`. Warmups
-//! longer than the run are shortened to the run. Past the end, every schedule holds its last value.
+//! (DINO's DataLoader drops the last partial batch) and `epochs = ceil(N / niter_per_ep)`. A
+//! learning-rate warmup that does not fit the run becomes a tenth of it (DINO's 10 of 100 epochs);
+//! a teacher-temperature warmup is cut at the run's end. Past the end, every schedule holds its
+//! last value.
 
 use serde::{Deserialize, Serialize};
 
@@ -120,7 +122,7 @@ impl Schedules {
     pub fn new(cfg: &TrainConfig, span: ScheduleSpan) -> Schedules {
         let ScheduleSpan { epochs, niter_per_ep } = span;
         let peak_lr = cfg.lr * cfg.batch_size as f64 / 256.0;
-        let warmup = cfg.warmup_epochs.min(epochs);
+        let warmup = if cfg.warmup_epochs < epochs { cfg.warmup_epochs } else { epochs / 10 };
         let temp_warmup = cfg.warmup_teacher_temp_epochs.min(epochs);
         Schedules {
             span,
@@ -187,6 +189,15 @@ mod tests {
         let span = ScheduleSpan::for_steps(50, 300, 64);
         assert_eq!(span, ScheduleSpan { epochs: 13, niter_per_ep: 4 });
         assert_eq!(ScheduleSpan::for_steps(5, 10, 64), ScheduleSpan { epochs: 5, niter_per_ep: 1 });
+    }
+
+    #[test]
+    fn a_warmup_longer_than_the_run_becomes_a_tenth_of_it() {
+        let cfg = TrainConfig { batch_size: 256, warmup_epochs: 10, lr: 1e-3, ..TrainConfig::default() };
+        let s = Schedules::new(&cfg, ScheduleSpan { epochs: 5, niter_per_ep: 3 });
+        assert_eq!(s.at(0).lr, 1e-3, "5 epochs: no warmup");
+        let s = Schedules::new(&cfg, ScheduleSpan { epochs: 10, niter_per_ep: 3 });
+        assert_eq!((s.at(0).lr, s.at(2).lr), (0.0, 1e-3), "10 epochs: 1 epoch of warmup");
     }
 
     #[test]

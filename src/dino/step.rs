@@ -291,3 +291,76 @@ impl Trainer {
         self.optimizer.names().map(str::to_string).collect()
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::augment::CropBatch;
+    use rand::RngExt;
+
+    /// A `vit-micro-p8` run on 10 bands with 2 local crops, stochastic depth on.
+    pub(crate) fn micro_trainer() -> Trainer {
+        let model = ModelConfig { preset: "vit-micro-p8".into(), drop_path_rate: 0.1 };
+        let train = TrainConfig { batch_size: 2, log_every_steps: 1, ..TrainConfig::default() };
+        let bands: Vec<String> = crate::config::SEED_BANDS.iter().map(|b| b.to_string()).collect();
+        let setup = TrainerSetup::new(&model, &train, &bands, 2, ScheduleSpan::for_steps(4, 4, 2)).unwrap();
+        Trainer::new(setup, &Device::Cpu).unwrap()
+    }
+
+    /// Two samples: 2 global 40 px crops and 2 local 24 px crops of seeded noise.
+    pub(crate) fn noise_batch(seed: u64) -> Batch {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let crops = [40, 40, 24, 24]
+            .into_iter()
+            .map(|px| {
+                let shape = [2, 10, px, px];
+                let data = (0..shape.iter().product()).map(|_| rng.random::<f32>() - 0.5).collect();
+                CropBatch { data, shape }
+            })
+            .collect();
+        Batch { crops, sample_ids: vec![0, 1] }
+    }
+
+    #[test]
+    fn after_one_step_every_trainable_variable_has_a_nonzero_gradient() {
+        let mut trainer = micro_trainer();
+        let crops = trainer.upload(&noise_batch(1)).unwrap();
+        let settings = trainer.schedules().at(0);
+        let g = trainer.gradients(&crops, &settings).unwrap();
+        let trainable = trainer.trainable();
+        assert_eq!(trainable.len() + 1, trainer.student_params().len(), "all but weight_g are trained");
+        assert!(!trainable.iter().any(|n| n.ends_with("weight_g")));
+        for name in &trainable {
+            let var = trainer.student_params().get(name).unwrap();
+            let grad = g.grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let size = grad.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(size > 0.0 && size.is_finite(), "{name}: gradient magnitude {size}");
+        }
+    }
+
+    #[test]
+    fn a_step_moves_the_student_and_reports_the_schedule() {
+        let mut trainer = micro_trainer();
+        let before = trainer.student_params().get("backbone.pos_embed").unwrap().as_tensor().copy().unwrap();
+        trainer.step(&noise_batch(2)).unwrap();
+        let report = trainer.step(&noise_batch(3)).unwrap();
+        assert_eq!((report.step, report.epoch), (2, 0));
+        assert!(report.loss.is_finite());
+        assert!(report.lr > 0.0 && report.momentum > 0.996, "{report:?}");
+        let collapse = report.collapse.expect("logged every step");
+        assert!((0.0..=1.0).contains(&collapse.teacher_entropy_ratio), "{collapse:?}");
+        let after = trainer.student_params().get("backbone.pos_embed").unwrap().as_tensor();
+        let moved = (after - before).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.0);
+        assert_eq!(trainer.state().step, 2);
+    }
+
+    #[test]
+    fn a_batch_with_the_wrong_band_count_is_rejected_with_both_counts() {
+        let mut trainer = micro_trainer();
+        let mut batch = noise_batch(3);
+        batch.crops[0].shape[1] = 5;
+        let err = trainer.step(&batch).unwrap_err().to_string();
+        assert!(err.contains("5 channels") && err.contains("10"), "{err}");
+    }
+}
