@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, parse_layout};
+use crate::dino::StepReport;
+use crate::service::train::{Progress, TrainJob};
 use crate::tile;
 
 /// Continual DINO self-supervised training on Sentinel-2 tiles.
@@ -49,6 +51,54 @@ pub enum Command {
     Config,
     /// Describe tiles and BigEarthNet folders: format, size, bands, layout, georeference, statistics.
     Inspect(InspectArgs),
+    /// Render the 8 augmented DINO views of one patch as a 2x4 PNG grid.
+    Preview(PreviewArgs),
+    /// Train DINO on the tiles of a folder (no watching) and write a checkpoint.
+    Train(TrainArgs),
+}
+
+/// `dinostream preview --input TILE --out crops.png`
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// A tile or BigEarthNet folder; its first patch is shown.
+    #[arg(long, value_name = "TILE")]
+    pub input: PathBuf,
+    /// The PNG to write.
+    #[arg(long, value_name = "PNG")]
+    pub out: PathBuf,
+    /// Sample index seeding the views (same seed, same views).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Show one band in grey instead of false colour B04/B03/B02.
+    #[arg(long, value_name = "BAND")]
+    pub band: Option<String>,
+    #[command(flatten)]
+    pub layout: LayoutArg,
+}
+
+/// `dinostream train --data DIR --steps N`
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder of tiles and BigEarthNet folders (or one tile).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, value_name = "N")]
+    pub steps: usize,
+    /// Model preset name or preset TOML path (overrides `model.preset`).
+    #[arg(long, value_name = "PRESET")]
+    pub model: Option<String>,
+    /// Compute device (overrides `train.device`).
+    #[arg(long, value_enum)]
+    pub device: Option<crate::config::Device>,
+    /// Samples per step (overrides `train.batch_size`).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Folder for the final checkpoint.
+    #[arg(long, value_name = "DIR", default_value = "checkpoint")]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArg,
 }
 
 /// `dinostream inspect PATH...`
@@ -95,6 +145,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect(args) => inspect(cfg, &args),
+        Command::Preview(args) => preview(cfg, &args),
+        Command::Train(args) => train(cfg, &args),
     }
 }
 
@@ -119,6 +171,85 @@ fn inspect(mut cfg: Config, args: &InspectArgs) -> Result<()> {
         anyhow::bail!("{failed} input(s) could not be read");
     }
     Ok(())
+}
+
+/// `preview`: augment the first patch of the input and write the 2x4 grid.
+fn preview(mut cfg: Config, args: &PreviewArgs) -> Result<()> {
+    apply_layout(&mut cfg, &args.layout)?;
+    let input = tile::Input::detect(&args.input)?;
+    let mut first = None;
+    tile::for_each_patch(&input, &cfg.tile, |patch| {
+        first = Some(patch);
+        std::ops::ControlFlow::Break(())
+    })?;
+    let patch = first.with_context(|| format!("{}: no usable patch", args.input.display()))?;
+    let augmenter = crate::augment::Augmenter::new(&cfg.augment, &cfg.tile.bands)?;
+    let views = augmenter.views(&patch, args.seed)?;
+    let png = crate::augment::preview::render_png(&views, &cfg.tile.bands, args.band.as_deref())?;
+    std::fs::write(&args.out, png).with_context(|| format!("{}: cannot write", args.out.display()))?;
+    println!("{}: {} views of {}", args.out.display(), views.views.len(), args.input.display());
+    Ok(())
+}
+
+/// `train`: the flags override their config keys, then the run reports through a progress bar.
+fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
+    apply_layout(&mut cfg, &args.layout)?;
+    if let Some(model) = &args.model {
+        cfg.model.preset = model.clone();
+    }
+    if let Some(device) = args.device {
+        cfg.train.device = device;
+    }
+    if let Some(batch_size) = args.batch_size {
+        cfg.train.batch_size = batch_size;
+    }
+    revalidate(&cfg)?;
+    let job = TrainJob { data: args.data.clone(), steps: args.steps, checkpoint: args.checkpoint.clone() };
+    let mut bar = StepBar::new(args.steps as u64, cfg.train.log_every_steps as u64);
+    let last = crate::service::train::run(&cfg, &job, &mut bar)?;
+    bar.bar.finish_and_clear();
+    println!("step {}: loss {:.4}; checkpoint in {}", last.step, last.loss, args.checkpoint.display());
+    Ok(())
+}
+
+/// A progress bar on a terminal, plus one log line every `log_every` steps (what journald sees).
+struct StepBar {
+    bar: indicatif::ProgressBar,
+    log_every: u64,
+}
+
+impl StepBar {
+    fn new(steps: u64, log_every: u64) -> StepBar {
+        let bar = indicatif::ProgressBar::new(steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .expect("the template is valid")
+                .progress_chars("=> "),
+        );
+        StepBar { bar, log_every: log_every.max(1) }
+    }
+}
+
+impl Progress for StepBar {
+    fn step(&mut self, r: &StepReport, samples_per_sec: f64) {
+        let line = format!("loss {:.4} lr {:.2e} {samples_per_sec:.1} samples/s", r.loss, r.lr);
+        self.bar.set_position(r.step);
+        self.bar.set_message(line.clone());
+        if r.step % self.log_every == 0 || r.collapse.is_some() {
+            let collapse = r.collapse.map(|c| {
+                format!(
+                    "; teacher entropy/lnK {:.3}, KL(t||s) {:.3}, cls std {:.4} (uniform {:.4})",
+                    c.teacher_entropy_ratio, c.kl_teacher_student, c.teacher_cls_std, c.uniform_cls_std
+                )
+            });
+            self.bar.suspend(|| log::info!("step {}: {line}{}", r.step, collapse.unwrap_or_default()));
+        }
+    }
+}
+
+/// Re-check the configuration after flags changed it.
+fn revalidate(cfg: &Config) -> Result<(), ConfigError> {
+    cfg.validate().map_err(|errors| ConfigError::Invalid { path: None, errors })
 }
 
 /// The inputs a command-line path stands for: itself, or what a plain folder holds.

@@ -5,3 +5,4 @@
 pub mod signal;
 pub mod status;
 pub mod systemd;
+pub mod train;
