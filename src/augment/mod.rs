@@ -4,7 +4,7 @@
 //!
 //! - [`Augmenter`] (`augmenter.rs`): patch + sample index -> [`Views`], deterministic per sample.
 //! - `params.rs`: the random decisions of a view; `ops.rs`: each operation with OpenCV semantics;
-//!   `resample.rs`: the fused geometric path.
+//!   `resample.rs`: the geometric steps computed only where the output needs them.
 //! - [`AugmentPool`] (`pool.rs`): worker threads, bounded queue, batches in sample order.
 //! - [`preview`]: the labelled PNG of one sample's views.
 

@@ -146,3 +146,93 @@ fn centre_crop(height: usize, width: usize, ratio: [f64; 2]) -> CropBox {
     };
     CropBox { x: (width - w) / 2, y: (height - h) / 2, width: w, height: h }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    #[test]
+    fn resized_crop_area_and_aspect_follow_the_torchvision_distributions() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let n = 20_000;
+        let boxes: Vec<CropBox> =
+            (0..n).map(|_| random_resized_crop(&mut rng, 120, 120, [0.4, 1.0], [0.75, 4.0 / 3.0])).collect();
+        let area: f64 = boxes.iter().map(|b| (b.width * b.height) as f64 / 14400.0).sum::<f64>() / n as f64;
+        let log_aspect: Vec<f64> = boxes.iter().map(|b| (b.width as f64 / b.height as f64).ln()).collect();
+        let mean_log_aspect = log_aspect.iter().sum::<f64>() / n as f64;
+        // albumentations 2.0.8 `A.RandomResizedCrop(size=(120, 120), scale=(.4, 1))
+        // .get_params_dependent_on_data` over 40000 draws on 120x120: mean area fraction 0.6444
+        // (SE 0.0007; U(.4, 1) has mean .7, the tries that do not fit remove large non-square boxes),
+        // mean log aspect -0.0001 (std 0.155).
+        assert!((area - 0.6444).abs() < 0.006, "mean area fraction {area}");
+        assert!(mean_log_aspect.abs() < 0.01, "mean log aspect {mean_log_aspect}");
+        assert!(log_aspect.iter().all(|a| a.abs() <= (4.0f64 / 3.0).ln() + 0.03), "aspect outside the range");
+        assert!(boxes.iter().all(|b| b.x + b.width <= 120 && b.y + b.height <= 120 && b.width > 0));
+        // Placement is uniform on 0..=120-w: the relative offset averages one half.
+        let room: Vec<f64> =
+            boxes.iter().filter(|b| b.width <= 100).map(|b| b.x as f64 / (120 - b.width) as f64).collect();
+        let offset = room.iter().sum::<f64>() / room.len() as f64;
+        assert!((offset - 0.5).abs() < 0.01, "placement is not uniform: {offset}");
+    }
+
+    #[test]
+    fn local_crop_areas_stay_in_their_scale_range() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut sum = 0.0;
+        for _ in 0..5000 {
+            let b = random_resized_crop(&mut rng, 64, 64, [0.05, 0.4], [0.75, 4.0 / 3.0]);
+            let area = (b.width * b.height) as f64 / 4096.0;
+            assert!((0.035..0.43).contains(&area), "{b:?}");
+            sum += area;
+        }
+        // albumentations 2.0.8, scale (.05, .4) on 64x64, 40000 draws: mean 0.2249 (SE 0.0005).
+        assert!((sum / 5000.0 - 0.2249).abs() < 0.005, "mean area fraction {}", sum / 5000.0);
+    }
+
+    #[test]
+    fn resized_crop_falls_back_to_a_centre_crop_with_the_largest_ratio() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        // A 3:1 strip cannot hold a full-area crop with aspect <= 4/3.
+        let b = random_resized_crop(&mut rng, 40, 120, [1.0, 1.0], [0.75, 4.0 / 3.0]);
+        assert_eq!(b, CropBox { x: 33, y: 0, width: 53, height: 40 });
+    }
+
+    #[test]
+    fn blur_kernel_sizes_are_3_5_7_with_probabilities_20_40_40() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut counts = [0usize; 8];
+        for _ in 0..50_000 {
+            counts[blur_ksize(&mut rng)] += 1;
+        }
+        let p = |k: usize| counts[k] as f64 / 50_000.0;
+        assert_eq!(counts[3] + counts[5] + counts[7], 50_000);
+        assert!(
+            (p(3) - 0.2).abs() < 0.01 && (p(5) - 0.4).abs() < 0.01 && (p(7) - 0.4).abs() < 0.01,
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn zero_ranges_and_probabilities_draw_no_augmentation() {
+        let recipe = ViewRecipe {
+            size: 8,
+            scale: [1.0, 1.0],
+            ratio: [1.0, 1.0],
+            channelaug_p: 0.0,
+            flip_p: 0.0,
+            ssr_p: 1.0,
+            ssr_angle_deg: 0.0,
+            ssr_scale: 0.0,
+            ssr_shift: 0.0,
+            blur_p: 0.0,
+            solarize_p: 0.0,
+        };
+        let p = recipe.draw(&mut ChaCha8Rng::seed_from_u64(5), 3, 16, 16);
+        assert_eq!(p.ssr, Some(Ssr { angle_deg: 0.0, scale: 1.0, dx: 0.0, dy: 0.0 }));
+        assert_eq!((p.channel, p.flip, p.blur, p.solarize), (None, false, None, false));
+        assert_eq!(p.crop, CropBox { x: 0, y: 0, width: 16, height: 16 });
+    }
+}

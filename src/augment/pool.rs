@@ -169,3 +169,102 @@ pub fn build_batch(augmenter: &Augmenter, samples: &[Sample]) -> Result<Batch, A
     }
     Ok(Batch { crops, sample_ids: samples.iter().map(|s| s.id).collect() })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::augment::augmenter::tests::patch;
+    use crate::config::AugmentConfig;
+
+    const RGB: [&str; 3] = ["B02", "B03", "B04"];
+
+    fn augmenter() -> Arc<Augmenter> {
+        let bands: Vec<String> = RGB.iter().map(|b| b.to_string()).collect();
+        let cfg = AugmentConfig { global_px: 24, local_px: 12, local_crops: 2, ..AugmentConfig::default() };
+        Arc::new(Augmenter::new(&cfg, &bands).unwrap())
+    }
+
+    /// Run `n` samples through a pool of `workers` and collect the batches.
+    fn run(workers: usize, n: u64, batch_size: usize) -> Vec<Batch> {
+        let (tx, rx) = bounded(4);
+        let pool = AugmentPool::spawn(augmenter(), rx, batch_size, workers, 2).unwrap();
+        let feeder = std::thread::spawn(move || {
+            for id in 0..n {
+                let p = Arc::new(patch(&RGB, 20 + (id % 3) as usize, 24));
+                tx.send(Sample { id, patch: p }).unwrap();
+            }
+        });
+        let batches: Vec<Batch> = pool.map(|b| b.unwrap()).collect();
+        feeder.join().unwrap();
+        batches
+    }
+
+    #[test]
+    fn batches_are_crop_major_with_the_sample_ids_in_order() {
+        let batches = run(2, 10, 4);
+        assert_eq!(batches.len(), 2, "the partial third batch is dropped");
+        assert_eq!(batches[1].sample_ids, [4, 5, 6, 7]);
+        let shapes: Vec<[usize; 4]> = batches[0].crops.iter().map(|c| c.shape).collect();
+        assert_eq!(shapes, [[4, 3, 24, 24], [4, 3, 24, 24], [4, 3, 12, 12], [4, 3, 12, 12]]);
+    }
+
+    #[test]
+    fn batch_content_does_not_depend_on_the_number_of_workers() {
+        let one = run(1, 24, 3);
+        assert_eq!(one, run(3, 24, 3));
+        // Sample 4 (second batch, second slot) is its own views, wherever it was computed.
+        let p = patch(&RGB, 20 + 1, 24);
+        let views = augmenter().views(&p, 4).unwrap();
+        let n = views.views[2].data.len();
+        assert_eq!(&one[1].crops[2].data[n..2 * n], views.views[2].data.as_slice());
+    }
+
+    #[test]
+    fn workers_block_when_the_queue_is_full_and_dropping_the_pool_stops_them() {
+        let (tx, rx) = bounded(1);
+        let pool = AugmentPool::spawn(augmenter(), rx, 1, 2, 1).unwrap();
+        let p = Arc::new(patch(&RGB, 20, 20));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (sent2, tx2) = (sent.clone(), tx.clone());
+        let feeder = std::thread::spawn(move || {
+            for id in 0..1000 {
+                if tx2.send(Sample { id, patch: p.clone() }).is_err() {
+                    return;
+                }
+                sent2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // Queue 1 + 2 workers holding a batch + 2 jobs queued + dispatcher + channel: a handful.
+        let accepted = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(accepted < 12, "no backpressure: {accepted} samples accepted");
+        let start = Instant::now();
+        drop(pool);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        drop(tx);
+        feeder.join().unwrap();
+    }
+
+    #[test]
+    fn a_pool_whose_input_stays_open_shuts_down_on_drop() {
+        let (_tx, rx) = bounded::<Sample>(1);
+        let pool = AugmentPool::spawn(augmenter(), rx, 2, 2, 1).unwrap();
+        let start = Instant::now();
+        drop(pool);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_bad_patch_becomes_an_error_batch_and_the_pool_goes_on() {
+        let (tx, rx) = bounded(8);
+        let mut pool = AugmentPool::spawn(augmenter(), rx, 1, 2, 2).unwrap();
+        tx.send(Sample { id: 0, patch: Arc::new(patch(&["B02", "B03", "B08"], 20, 20)) }).unwrap();
+        tx.send(Sample { id: 1, patch: Arc::new(patch(&RGB, 20, 20)) }).unwrap();
+        drop(tx);
+        assert!(matches!(pool.recv(), Some(Err(AugmentError::BandMismatch { .. }))));
+        assert_eq!(pool.recv().unwrap().unwrap().sample_ids, [1]);
+        assert!(pool.recv().is_none());
+    }
+}

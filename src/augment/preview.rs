@@ -1,10 +1,11 @@
 //! The preview figure: the views of one sample as one PNG, a grid of 4 columns (2 x 4 for the
 //! seed's 8 views), each view labelled ("global 1", "local 3").
 //!
-//! Values are de-normalised back to reflectance and stretched per display channel from its 2nd to
-//! its 98th percentile over all views together, so the views stay comparable (a solarized or
-//! channel-copied view looks different, as it should). Colour is B04/B03/B02 false colour, or one
-//! band in grey. Views are enlarged by whole factors (nearest neighbour) to one cell size, so a local
+//! Values are de-normalised back to reflectance and stretched per view and display channel from
+//! the 2nd to the 98th percentile, so every view is readable: a Channelaug view (one band copied
+//! everywhere) shows as grey, a solarized one with inverted bright areas. A stretch shared by all
+//! views left Channelaug views of a bright band (B8A, B07) white. Colour is B04/B03/B02 false
+//! colour, or one band in grey. Views are enlarged by whole factors (nearest neighbour) to one cell size, so a local
 //! crop shows its pixels.
 
 use anyhow::{Context, Result, bail};
@@ -54,8 +55,6 @@ pub fn render_png(views: &Views, bands: &[String], band: Option<&str>) -> Result
         .iter()
         .map(|v| channels.iter().map(|&c| reflectance(v, c, &bands[c])).collect())
         .collect();
-    let ranges: Vec<(f32, f32)> =
-        (0..channels.len()).map(|k| stretch(images.iter().map(|img| &img[k]))).collect();
     let rows = views.views.len().div_ceil(COLUMNS);
     let width = COLUMNS * (CELL_PX + MARGIN_PX) + MARGIN_PX;
     let height = rows * (CELL_PX + LABEL_PX + MARGIN_PX) + MARGIN_PX;
@@ -64,6 +63,7 @@ pub fn render_png(views: &Views, bands: &[String], band: Option<&str>) -> Result
         let x0 = MARGIN_PX + (i % COLUMNS) * (CELL_PX + MARGIN_PX);
         let y0 = MARGIN_PX + (i / COLUMNS) * (CELL_PX + LABEL_PX + MARGIN_PX);
         draw_text(&mut canvas, x0, y0 + 2, &label(i));
+        let ranges: Vec<(f32, f32)> = img.iter().map(|plane| stretch(plane)).collect();
         draw_view(&mut canvas, x0, y0 + LABEL_PX, view.size, img, &ranges);
     }
     encode(&canvas)
@@ -91,9 +91,9 @@ fn reflectance(view: &super::View, c: usize, band: &str) -> Vec<f32> {
     view.data[c * n..(c + 1) * n].iter().map(|v| v * stats.std + stats.mean).collect()
 }
 
-/// The 2nd and 98th percentile of all values.
-fn stretch<'a>(planes: impl Iterator<Item = &'a Vec<f32>>) -> (f32, f32) {
-    let mut all: Vec<f32> = planes.flatten().copied().filter(|v| v.is_finite()).collect();
+/// The 2nd and 98th percentile of a plane.
+fn stretch(plane: &[f32]) -> (f32, f32) {
+    let mut all: Vec<f32> = plane.iter().copied().filter(|v| v.is_finite()).collect();
     if all.is_empty() {
         return (0.0, 1.0);
     }
@@ -186,4 +186,56 @@ fn encode(canvas: &Canvas) -> Result<Vec<u8>> {
         bail!("preview: the PNG encoder produced nothing");
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::augment::View;
+
+    fn views(bands: usize) -> Views {
+        let view = |size: usize| View {
+            data: (0..bands * size * size).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect(),
+            channels: bands,
+            size,
+        };
+        Views {
+            views: vec![view(120), view(120), view(56), view(56), view(56), view(56), view(56), view(56)],
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|b| b.to_string()).collect()
+    }
+
+    fn decode(png_bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes)).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        (info.width, info.height, buf)
+    }
+
+    #[test]
+    fn eight_views_make_a_labelled_two_by_four_grid() {
+        let png_bytes = render_png(&views(3), &names(&["B02", "B03", "B04"]), None).unwrap();
+        let (w, h, rgb) = decode(&png_bytes);
+        assert_eq!((w as usize, h as usize), (4 * 248 + 8, 2 * (240 + LABEL_PX + 8) + 8));
+        // The label "global 1" puts white pixels into the first label strip.
+        let strip = &rgb[(8 * w as usize) * 3..(8 + LABEL_PX) * w as usize * 3];
+        assert!(strip.chunks_exact(3).any(|px| px == [235, 235, 235]));
+    }
+
+    #[test]
+    fn one_band_is_drawn_in_grey() {
+        let png_bytes = render_png(&views(3), &names(&["B02", "B03", "B08"]), Some("B08")).unwrap();
+        let (_, _, rgb) = decode(&png_bytes);
+        assert!(rgb.chunks_exact(3).all(|px| px[0] == px[1] && px[1] == px[2]));
+    }
+
+    #[test]
+    fn false_colour_without_b04_asks_for_a_band() {
+        let err = render_png(&views(2), &names(&["B02", "B03"]), None).unwrap_err();
+        assert!(err.to_string().contains("band B04 is not among the patch bands"), "{err}");
+        assert!(err.to_string().contains("--band"), "{err}");
+    }
 }
