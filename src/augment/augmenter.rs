@@ -165,16 +165,27 @@ impl Augmenter {
         Ok(())
     }
 
-    /// Blur, solarize and normalize one resampled view in place, plane by plane.
+    /// Blur, solarize and normalize one resampled view in place, plane by plane. After
+    /// Channelaug only the first plane was resampled: it is blurred and solarized once, then copied.
     fn finish(&self, p: &ViewParams, out: &mut [f32], tmp: &mut Vec<f32>) {
         let kernel = p.blur.map(|k| ops::gaussian_kernel(k).expect("blur_ksize draws 3, 5 or 7"));
-        for (plane, stats) in out.chunks_exact_mut(p.size * p.size).zip(&self.stats) {
+        let plane_px = p.size * p.size;
+        let distinct = if p.channel.is_some() { 1 } else { self.stats.len() };
+        for plane in out.chunks_exact_mut(plane_px).take(distinct) {
             if let Some(kernel) = kernel {
                 ops::gaussian_blur_plane(plane, p.size, p.size, kernel, tmp);
             }
             if p.solarize {
                 ops::solarize(plane, self.solarize_threshold);
             }
+        }
+        if p.channel.is_some() {
+            let (first, rest) = out.split_at_mut(plane_px);
+            for dst in rest.chunks_exact_mut(plane_px) {
+                dst.copy_from_slice(first);
+            }
+        }
+        for (plane, stats) in out.chunks_exact_mut(plane_px).zip(&self.stats) {
             ops::normalize_plane(plane, *stats);
         }
     }
@@ -348,7 +359,9 @@ pub(crate) mod tests {
             .map(|v| {
                 let mut out = vec![0.0; c * v.size * v.size];
                 resample_view(p, v, aug.resample, &mut out, &mut scratch);
-                (out, geometry_two_step(p, v).data)
+                let n = v.size * v.size;
+                let planes = if v.channel.is_some() { 1 } else { c };
+                (out[..planes * n].to_vec(), geometry_two_step(p, v).data[..planes * n].to_vec())
             })
             .collect()
     }

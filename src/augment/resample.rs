@@ -55,8 +55,9 @@ fn tap(x: f64, y: f64, width: usize, height: usize) -> Tap {
 }
 
 /// Render the geometric part of one view (flip, shift-scale-rotate, resized crop) from the
-/// `[C, H, W]` patch into `out` (`[C, size, size]`). With Channelaug only the chosen
-/// channel is resampled and then copied. `scratch` holds the warped crop between the two steps.
+/// `[C, H, W]` patch into `out` (`[C, size, size]`). With Channelaug only the chosen channel is
+/// resampled, into the first plane; the caller copies it after the per-plane steps. `scratch`
+/// holds the warped crop between the two steps.
 pub fn resample_view(
     patch: &Patch,
     p: &ViewParams,
@@ -87,13 +88,6 @@ pub fn resample_view(
         let all: Vec<usize> = (0..planes.len()).collect();
         let warped = Grid { planes: &all, height: ch, width: cw };
         sample_grid(scratch, &warped, &IDENTITY, &resize_x, &resize_y, out);
-    }
-    let plane_out = p.size * p.size;
-    if p.channel.is_some() {
-        let (first, rest) = out.split_at_mut(plane_out);
-        for dst in rest.chunks_exact_mut(plane_out) {
-            dst.copy_from_slice(first);
-        }
     }
 }
 
