@@ -114,6 +114,9 @@ struct Grid<'a> {
 /// Bilinear samples (reflect-101 outside) of the chosen planes of `src` at `affine(x, y)` for
 /// every `y` in `ys` (rows) and `x` in `xs` (columns), written as `[planes, ys, xs]` into `out`.
 fn sample_grid(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: &[f64], out: &mut [f32]) {
+    if affine[1] == 0.0 && affine[3] == 0.0 {
+        return sample_separable(src, input, affine, xs, ys, out);
+    }
     let plane_in = input.height * input.width;
     let plane_out = xs.len() * ys.len();
     let mut taps = vec![Tap::default(); xs.len()];
@@ -126,6 +129,52 @@ fn sample_grid(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: &[f64
             let plane = &src[c * plane_in..(c + 1) * plane_in];
             let start = k * plane_out + v * xs.len();
             gather_row(plane, &taps, &mut out[start..start + xs.len()]);
+        }
+    }
+}
+
+/// One axis of a separable bilinear map: the two source indices and the weight of the second.
+#[derive(Debug, Clone, Copy)]
+struct AxisTap {
+    lo: usize,
+    hi: usize,
+    t: f32,
+}
+
+/// The taps along one axis of length `n` at coordinates `scale * c + offset`.
+fn axis_taps(coords: &[f64], scale: f64, offset: f64, n: usize) -> Vec<AxisTap> {
+    coords
+        .iter()
+        .map(|&c| {
+            let x = scale * c + offset;
+            let f = x.floor();
+            let i = f as isize;
+            AxisTap { lo: reflect_101(i, n), hi: reflect_101(i + 1, n), t: (x - f) as f32 }
+        })
+        .collect()
+}
+
+/// [`sample_grid`] for maps without rotation (crop, resize, flip): each output row blends two
+/// input rows over the columns it needs, then each output pixel blends two of those columns.
+fn sample_separable(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: &[f64], out: &mut [f32]) {
+    let (w, plane_in) = (input.width, input.height * input.width);
+    let x_taps = axis_taps(xs, affine[0], affine[2], w);
+    let y_taps = axis_taps(ys, affine[4], affine[5], input.height);
+    let first = x_taps.iter().map(|t| t.lo.min(t.hi)).min().unwrap_or(0);
+    let last = x_taps.iter().map(|t| t.lo.max(t.hi)).max().unwrap_or(0);
+    let mut blended = vec![0.0f32; last + 1 - first];
+    let rows = out.chunks_exact_mut(xs.len());
+    let jobs = input.planes.iter().flat_map(|&c| y_taps.iter().map(move |y| (c, y)));
+    for (row, (c, y)) in rows.zip(jobs) {
+        let plane = &src[c * plane_in..(c + 1) * plane_in];
+        let top = &plane[y.lo * w + first..=y.lo * w + last];
+        let bottom = &plane[y.hi * w + first..=y.hi * w + last];
+        for ((b, &t0), &t1) in blended.iter_mut().zip(top).zip(bottom) {
+            *b = t0 + (t1 - t0) * y.t;
+        }
+        for (o, x) in row.iter_mut().zip(&x_taps) {
+            let (a, b) = (blended[x.lo - first], blended[x.hi - first]);
+            *o = a + (b - a) * x.t;
         }
     }
 }
