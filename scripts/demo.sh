@@ -12,13 +12,13 @@ cargo build --release --locked
 BIN=target/release/dinostream
 
 echo "== inspect: bundled BigEarthNet folders and EuroSAT tiles"
-"$BIN" inspect tests/data/bigearthnet
-"$BIN" inspect --layout eurosat13 tests/data/eurosat
+"$BIN" inspect tests/data/bigearthnet-s2
+"$BIN" inspect --layout eurosat13 tests/data/eurosat-ms
 
 echo "== preview: the 8 DINO views of one tile -> $OUT/crops.png"
-"$BIN" preview --input "$(ls -d tests/data/bigearthnet/*/ | head -n 1)" --out "$OUT/crops.png" --seed 7
+"$BIN" preview --input "$(ls -d tests/data/bigearthnet-s2/*/ | head -n 1)" --out "$OUT/crops.png" --seed 7
 
 echo "== train: ViT-tiny/8 DINO on the bundled tiles, $STEPS steps on the CPU"
-"$BIN" train --data tests/data/bigearthnet --steps "$STEPS" --model vit-tiny-p8 \
+"$BIN" train --data tests/data/bigearthnet-s2 --steps "$STEPS" --model vit-tiny-p8 \
     --batch-size 8 --checkpoint "$OUT/checkpoint"
 echo "checkpoint written to $OUT/checkpoint"

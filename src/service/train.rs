@@ -14,8 +14,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::augment::Augmenter;
-use crate::augment::pool::{AugmentPool, Sample};
+use crate::augment::{AugmentPool, Augmenter, Sample};
 use crate::config::Config;
 use crate::dino::schedule::ScheduleSpan;
 use crate::dino::{StepReport, Trainer, TrainerSetup, checkpoint};
@@ -93,9 +92,7 @@ fn train_steps(
     let (tx, rx) = bounded(cfg.train.batch_size);
     let seed = cfg.augment.seed;
     let feeder = thread::Builder::new().name("feeder".into()).spawn(move || feed(patches, seed, tx))?;
-    let workers = worker_count(cfg.augment.workers);
-    let mut pool =
-        AugmentPool::spawn(augmenter, rx, cfg.train.batch_size, workers, cfg.augment.queue_batches)?;
+    let mut pool = AugmentPool::from_config(&cfg.augment, augmenter, rx, cfg.train.batch_size)?;
     let start = Instant::now();
     let mut last = None;
     for done in 1..=steps {
@@ -123,14 +120,5 @@ fn feed(patches: Vec<Arc<Patch>>, seed: u64, tx: Sender<Sample>) {
             }
             id += 1;
         }
-    }
-}
-
-/// `0` means one worker per core.
-pub fn worker_count(configured: usize) -> usize {
-    if configured > 0 {
-        configured
-    } else {
-        thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     }
 }
