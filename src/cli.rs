@@ -2,12 +2,16 @@
 //! into a validated [`Config`] (file, then flags on top); each command then hands its stage the
 //! section it needs. Only this module prints to stdout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, parse_layout};
+use crate::config::{Config, ConfigError, TileConfig, parse_layout};
+use crate::infer::embed;
+use crate::infer::knn;
+use crate::infer::runtime::{LibrarySearch, OnnxModel, Runtime};
+use crate::tile::Patch;
 
 /// Continual DINO self-supervised training on Sentinel-2 tiles.
 #[derive(Debug, Parser)]
@@ -46,6 +50,94 @@ pub struct LayoutArg {
 pub enum Command {
     /// Print the effective configuration (file + defaults) as TOML after validating it.
     Config,
+    /// Export a checkpoint's teacher backbone as ONNX (no verification; `serve` verifies).
+    Export(ExportArgs),
+    /// Embed tiles with an exported model: writes `[rows, D]` embeddings.npy and an index CSV.
+    Embed(EmbedArgs),
+    /// Evaluate frozen embeddings: weighted k-NN (k=20, T=0.07) and a linear probe.
+    Eval(EvalArgs),
+}
+
+/// Where to find ONNX Runtime and whether to use CUDA.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// libonnxruntime.so.1.* to load (else ORT_DYLIB_PATH, ./.venv, python3's onnxruntime).
+    #[arg(long, value_name = "FILE")]
+    pub onnxruntime: Option<PathBuf>,
+    /// Run on the CUDA execution provider; an error if it cannot be used.
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+/// `dinostream export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Checkpoint folder holding model.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Output ONNX file.
+    #[arg(long, value_name = "FILE.onnx")]
+    pub out: PathBuf,
+    /// Input height and width; only the trained size until pos_embed interpolation is merged.
+    #[arg(long, value_name = "PX")]
+    pub image_size: Option<usize>,
+    /// What the model input holds: reflectance (normalised inside the graph) or normalized.
+    #[arg(long, default_value = "reflectance", value_parser = ["reflectance", "normalized"])]
+    pub input_contract: String,
+    /// Also output the patch tokens `[N, L, D]`.
+    #[arg(long)]
+    pub patch_tokens: bool,
+}
+
+/// `dinostream embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Exported model (e.g. exports/latest.onnx).
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub model: PathBuf,
+    /// Tiles, or folders searched for *.tif / *.tiff.
+    #[arg(long, required = true, num_args = 1.., value_name = "DIR|TILE")]
+    pub input: Vec<PathBuf>,
+    /// Output .npy; the index CSV goes beside it with the extension .csv.
+    #[arg(long, value_name = "FILE.npy")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArg,
+    /// Inputs per ONNX Runtime call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `dinostream eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Exported model; not needed with `--baseline band-stats`.
+    #[arg(long, value_name = "MODEL.onnx", required_unless_present = "baseline")]
+    pub model: Option<PathBuf>,
+    /// Folder of the labelled bank (training) tiles.
+    #[arg(long, value_name = "DIR")]
+    pub bank: PathBuf,
+    /// Bank labels CSV (`filename,label,...`, paths relative to --bank).
+    #[arg(long, value_name = "CSV")]
+    pub labels: PathBuf,
+    /// Folder of the query (test) tiles.
+    #[arg(long, value_name = "DIR")]
+    pub query: PathBuf,
+    /// Query labels CSV.
+    #[arg(long, value_name = "CSV")]
+    pub query_labels: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArg,
+    /// Use per-band mean/std features instead of a model.
+    #[arg(long, value_name = "MODE", value_parser = ["band-stats"])]
+    pub baseline: Option<String>,
+    /// Inputs per ONNX Runtime call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// Parse the process arguments (exits with usage help on error, as clap does).
@@ -72,13 +164,227 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    let cfg = load_config(&cli.global)?;
+    let mut cfg = load_config(&cli.global)?;
     match cli.command {
         Command::Config => {
             print!("{}", cfg.to_toml());
             Ok(())
         }
+        Command::Export(args) => export_command(&args),
+        Command::Embed(args) => {
+            apply_layout(&mut cfg, &args.layout)?;
+            embed_command(&args, &cfg.tile)
+        }
+        Command::Eval(args) => {
+            apply_layout(&mut cfg, &args.layout)?;
+            eval_command(&args, &cfg.tile)
+        }
     }
+}
+
+/// Reads one tile path into patches (reflectance, named bands).
+///
+/// MERGE: this is the one call to replace with the ingest API (module `tile`), e.g.
+/// `crate::tile::read_patches(path, tile)`; embed and eval only see `Vec<Patch>`.
+fn read_patches(path: &Path, tile: &TileConfig) -> Result<Vec<Patch>> {
+    let _ = tile;
+    anyhow::bail!(
+        "{}: tile reading is not available in this build (module `tile` not merged)",
+        path.display()
+    )
+}
+
+/// `dinostream export`: checkpoint -> ONNX file (written atomically).
+fn export_command(args: &ExportArgs) -> Result<()> {
+    let path = args.checkpoint.join("model.safetensors");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let contract = args.input_contract.parse().map_err(anyhow::Error::msg)?;
+    let (mut spec, weights) =
+        crate::export::from_checkpoint(&bytes, contract).with_context(|| path.display().to_string())?;
+    if let Some(px) = args.image_size.filter(|px| *px != spec.img_size) {
+        anyhow::bail!(
+            "--image-size {px}: only the trained size {} is supported until pos_embed interpolation (module `model`) is merged",
+            spec.img_size
+        );
+    }
+    spec.patch_tokens = args.patch_tokens;
+    let onnx = crate::export::export_bytes(&spec, &weights)?;
+    crate::fsio::write_atomic(&args.out, &onnx).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{}: step {} of {} ({} bytes)", args.out.display(), spec.step, spec.preset, onnx.len());
+    Ok(())
+}
+
+/// Open `model` through the shared ONNX Runtime.
+fn open_model(model: &Path, rt: &RuntimeArgs) -> Result<OnnxModel> {
+    let runtime = Runtime::get(&LibrarySearch::standard(rt.onnxruntime.clone()))?;
+    Ok(runtime.open(model, rt.cuda)?)
+}
+
+/// `dinostream embed`: every input's patches through the model, in batches, with a progress bar.
+fn embed_command(args: &EmbedArgs, tile: &TileConfig) -> Result<()> {
+    let mut model = open_model(&args.model, &args.runtime)?;
+    let meta = model.metadata()?;
+    let files = expand_inputs(&args.input)?;
+    let mut inputs = Vec::new();
+    for file in &files {
+        for patch in read_patches(file, tile)? {
+            inputs.extend(embed::prepare(&patch, &meta)?);
+        }
+    }
+    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
+    let out =
+        embed::embed_inputs(&mut model, &meta, &inputs, args.batch, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    embed::write_npy(&args.out, &out.values, out.rows(), out.dim)?;
+    let index = args.out.with_extension("csv");
+    embed::write_index_csv(&index, &out.index)?;
+    println!(
+        "{}: {} embeddings of dim {} ({} files); index {}",
+        args.out.display(),
+        out.rows(),
+        out.dim,
+        files.len(),
+        index.display()
+    );
+    Ok(())
+}
+
+/// Tiles as given, folders expanded to their `*.tif` / `*.tiff` files (recursively, sorted).
+fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found = Vec::new();
+            collect_tiffs(input, &mut found).with_context(|| format!("listing {}", input.display()))?;
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(input.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn collect_tiffs(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        if path.is_dir() {
+            collect_tiffs(&path, out)?;
+        } else if ext == "tif" || ext == "tiff" {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// `dinostream eval`: features for bank and query, then k-NN and linear-probe accuracy.
+fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
+    let bank = read_label_file(&args.labels)?;
+    let query = read_label_file(&args.query_labels)?;
+    let mut classes: Vec<String> = bank.iter().chain(&query).map(|f| f.label.clone()).collect();
+    classes.sort();
+    classes.dedup();
+    let class_of =
+        |f: &knn::LabelledFile| classes.iter().position(|c| *c == f.label).expect("collected above");
+    let mut features = FeatureSource::new(args)?;
+    let (mut xb, d) = features.of(&args.bank, &bank, tile, args.batch)?;
+    let (mut xq, _) = features.of(&args.query, &query, tile, args.batch)?;
+    let (yb, yq): (Vec<usize>, Vec<usize>) =
+        (bank.iter().map(class_of).collect(), query.iter().map(class_of).collect());
+    let probe = knn::LinearProbe::fit(&xb, &yb, d, classes.len(), 300, 0.5, 1e-4);
+    let probe_acc = knn::accuracy(&probe.predict(&xq), &yq, classes.len());
+    knn::l2_normalize_rows(&mut xb, d);
+    knn::l2_normalize_rows(&mut xq, d);
+    let knn_pred = knn::knn_predict(&xb, &yb, &xq, d, classes.len(), knn::K, knn::TEMPERATURE);
+    let knn_acc = knn::accuracy(&knn_pred, &yq, classes.len());
+    println!(
+        "features: {} (dim {d}); bank {} files, query {} files",
+        features.name(),
+        bank.len(),
+        query.len()
+    );
+    println!("{:<24} {:>8} {:>8} {:>6}", "class", "knn", "linear", "n");
+    for (c, name) in classes.iter().enumerate() {
+        let (k, l) = (knn_acc.per_class[c], probe_acc.per_class[c]);
+        let pct = |(ok, n): (usize, usize)| if n == 0 { f64::NAN } else { 100.0 * ok as f64 / n as f64 };
+        println!("{name:<24} {:>7.1}% {:>7.1}% {:>6}", pct(k), pct(l), k.1);
+    }
+    println!(
+        "{:<24} {:>7.1}% {:>7.1}% {:>6}",
+        "overall",
+        100.0 * knn_acc.overall,
+        100.0 * probe_acc.overall,
+        yq.len()
+    );
+    Ok(())
+}
+
+fn read_label_file(path: &Path) -> Result<Vec<knn::LabelledFile>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    knn::read_labels(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Where eval's per-file features come from: the model's cls embedding or the band statistics.
+enum FeatureSource {
+    Model(Box<OnnxModel>),
+    BandStats,
+}
+
+impl FeatureSource {
+    fn new(args: &EvalArgs) -> Result<Self> {
+        match (&args.baseline, &args.model) {
+            (Some(_), _) => Ok(FeatureSource::BandStats),
+            (None, Some(model)) => Ok(FeatureSource::Model(Box::new(open_model(model, &args.runtime)?))),
+            (None, None) => anyhow::bail!("eval: pass --model M.onnx or --baseline band-stats"),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            FeatureSource::Model(m) => m.path().display().to_string(),
+            FeatureSource::BandStats => "band-stats baseline".into(),
+        }
+    }
+
+    /// `[files, d]` features, one row per labelled file (the mean over its patches), and `d`.
+    fn of(
+        &mut self,
+        dir: &Path,
+        files: &[knn::LabelledFile],
+        tile: &TileConfig,
+        batch: usize,
+    ) -> Result<(Vec<f32>, usize)> {
+        let mut rows = Vec::new();
+        let mut dim = 0;
+        for file in files {
+            let patches = read_patches(&dir.join(&file.filename), tile)?;
+            let row = match self {
+                FeatureSource::Model(model) => {
+                    let meta = model.metadata()?;
+                    let e = embed::embed_patches(model, &meta, &patches, batch, |_| ())?;
+                    mean_row(&e.values, e.dim)
+                }
+                FeatureSource::BandStats => {
+                    let per_patch: Vec<Vec<f32>> =
+                        patches.iter().map(|p| knn::band_stat_features(&p.data, p.channels())).collect();
+                    mean_row(&per_patch.concat(), per_patch.first().map_or(0, Vec::len))
+                }
+            };
+            if row.is_empty() {
+                anyhow::bail!("{}: no patches", dir.join(&file.filename).display());
+            }
+            dim = row.len();
+            rows.extend(row);
+        }
+        Ok((rows, dim))
+    }
+}
+
+/// The mean of the rows of `[n, dim]` values.
+fn mean_row(values: &[f32], dim: usize) -> Vec<f32> {
+    let n = (values.len() / dim.max(1)).max(1) as f32;
+    (0..dim).map(|j| values.chunks(dim).map(|r| r[j]).sum::<f32>() / n).collect()
 }
 
 /// The config file if given, else the defaults; validated either way.
@@ -90,7 +396,6 @@ fn load_config(global: &GlobalArgs) -> Result<Config, ConfigError> {
 }
 
 /// Apply `--layout` on top of the config and re-validate it.
-#[allow(dead_code)]
 fn apply_layout(cfg: &mut Config, layout: &LayoutArg) -> Result<(), ConfigError> {
     if let Some(spec) = &layout.layout {
         parse_layout(spec).map_err(|reason| ConfigError::Invalid {

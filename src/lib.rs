@@ -13,10 +13,14 @@
 //! - [`tile`]: ingest. A path becomes [`tile::Patch`]es: `[C, H, W]` f32 reflectance with band names
 //!   and the source window. TIFF decoding sits behind a panic boundary here and nowhere else.
 //! - [`augment`]: multi-crop views and batches (plain f32, no candle).
+//! - [`infer`]: ONNX Runtime (loaded at run time): embeddings, k-NN and linear-probe evaluation.
+//! - [`export`]: the teacher backbone as ONNX, verified in ONNX Runtime before it is published.
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
 pub mod augment;
 pub mod cli;
 pub mod config;
+pub mod export;
 pub mod fsio;
+pub mod infer;
 pub mod tile;
