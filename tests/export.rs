@@ -9,6 +9,7 @@ use std::process::Command;
 
 use dinostream::export::publish::{self, Probe, PublishError};
 use dinostream::export::{ExportSpec, NamedTensors, export_bytes};
+use dinostream::infer::embed::{self, resize_bilinear};
 use dinostream::infer::runtime::{LibrarySearch, Runtime, RuntimeError};
 use dinostream::infer::{InputContract, PATCH_TOKENS_OUTPUT};
 
@@ -247,4 +248,151 @@ fn publish_keeps_the_last_k_exports() {
     );
     let meta = rt.open(&dir.path().join("latest.onnx"), false).unwrap().metadata().unwrap();
     assert_eq!(meta.training_step, 3);
+}
+
+/// Golden image `row` as a reflectance [`Patch`] holding the model's bands in another order plus
+/// two extra bands, as an ingested EuroSAT tile would.
+fn golden_patch(spec: &ExportSpec, row: usize) -> dinostream::tile::Patch {
+    let (x, _) = golden_io();
+    let plane = 120 * 120;
+    let file_order = ["B01", "B12", "B11", "B10", "B8A", "B08", "B07", "B06", "B05", "B04", "B03", "B02"];
+    let mut data = Vec::new();
+    for band in file_order {
+        match spec.bands.iter().position(|b| b == band) {
+            Some(c) => {
+                let normalized = &x[(row * 10 + c) * plane..(row * 10 + c + 1) * plane];
+                data.extend(normalized.iter().map(|v| v * spec.band_std[c] + spec.band_mean[c]));
+            }
+            None => data.extend(std::iter::repeat_n(0.5, plane)),
+        }
+    }
+    dinostream::tile::Patch {
+        data,
+        bands: file_order.iter().map(|b| b.to_string()).collect(),
+        height: 120,
+        width: 120,
+        source: format!("golden{row}.tif").into(),
+        window: dinostream::tile::Window { x: 0, y: 0, width: 120, height: 120 },
+        nodata_fraction: 0.0,
+    }
+}
+
+#[test]
+fn embed_picks_bands_by_name_and_reproduces_the_reference() {
+    let Some(rt) = runtime() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(InputContract::Reflectance, 17);
+    let model =
+        write_model(dir.path(), "m.onnx", &export_bytes(&spec, &golden("vit_weights.safetensors")).unwrap());
+    let mut session = rt.open(&model, false).unwrap();
+    let meta = session.metadata().unwrap();
+    let patches = [golden_patch(&spec, 0), golden_patch(&spec, 1)];
+    let mut progress = Vec::new();
+    let out = embed::embed_patches(&mut session, &meta, &patches, 1, |done| progress.push(done)).unwrap();
+    assert_eq!(progress, [1, 2]);
+    let (_, cls) = golden_io();
+    assert!(max_abs_diff(&out.values, &cls) <= 1e-4);
+    assert_eq!(out.index[1].0, PathBuf::from("golden1.tif"));
+}
+
+#[test]
+fn embed_resizes_small_tiles_and_cuts_large_ones() {
+    let Some(rt) = runtime() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(InputContract::Normalized, 17);
+    let model =
+        write_model(dir.path(), "m.onnx", &export_bytes(&spec, &golden("vit_weights.safetensors")).unwrap());
+    let mut session = rt.open(&model, false).unwrap();
+    let meta = session.metadata().unwrap();
+    let mut small = golden_patch(&spec, 0);
+    let bands = small.bands.len();
+    small.data = (0..bands).flat_map(|c| resize_bilinear(small.plane(c), 120, 120, 64, 64)).collect();
+    (small.height, small.width) = (64, 64);
+    let mut large = golden_patch(&spec, 1);
+    large.data = (0..bands).flat_map(|c| resize_bilinear(large.plane(c), 120, 120, 250, 130)).collect();
+    (large.height, large.width) = (250, 130);
+    let out = embed::embed_patches(&mut session, &meta, &[small, large], 4, |_| ()).unwrap();
+    assert_eq!(out.rows(), 1 + 3 * 2);
+    assert_eq!(out.index[6].1, dinostream::tile::Window { x: 10, y: 130, width: 120, height: 120 });
+    assert!(out.values.iter().all(|v| v.is_finite()));
+}
+
+/// A checkpoint folder as training writes it: golden weights under `teacher.backbone.` with the
+/// preset, band list and step in the safetensors metadata.
+fn golden_checkpoint(dir: &Path) -> PathBuf {
+    let bytes = std::fs::read(root().join("tests/golden/vit_weights.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<_> =
+        st.tensors().into_iter().map(|(name, view)| (format!("teacher.backbone.{name}"), view)).collect();
+    let preset = "name = \"golden\"\npatch_size = 8\nembed_dim = 48\ndepth = 2\nnum_heads = 3\nmlp_ratio = 4.0\nlayernorm_eps = 1e-6\nimg_size = 120\n";
+    let meta = [("preset", preset.to_string()), ("bands", BANDS.join(",")), ("step", "1234".to_string())];
+    let ckpt = dir.join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let meta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    safetensors::serialize_to_file(tensors, Some(meta), &ckpt.join("model.safetensors")).unwrap();
+    ckpt
+}
+
+#[test]
+fn export_command_turns_a_checkpoint_into_a_matching_model() {
+    let Some(rt) = runtime() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = golden_checkpoint(dir.path());
+    let out = crate::util::run_in(
+        dir.path(),
+        &[
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            "m.onnx",
+            "--input-contract",
+            "normalized",
+        ],
+    );
+    crate::util::assert_ok(&out);
+    let model = dir.path().join("m.onnx");
+    assert_eq!(rt.open(&model, false).unwrap().metadata().unwrap().training_step, 1234);
+    assert!(check_rows(&rt, &model, &[0, 1], |_| ()) <= 1e-4);
+}
+
+#[test]
+fn export_command_refuses_an_image_size_it_cannot_bake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = golden_checkpoint(dir.path());
+    let args = ["export", "--checkpoint", ckpt.to_str().unwrap(), "--out", "m.onnx", "--image-size", "56"];
+    let out = crate::util::run_in(dir.path(), &args);
+    assert!(!out.status.success());
+    assert!(crate::util::stderr(&out).contains("--image-size 56"), "{}", crate::util::stderr(&out));
+    assert!(!dir.path().join("m.onnx").exists());
+}
+
+#[test]
+fn embed_without_the_onnx_runtime_library_says_how_to_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "embed",
+        "--model",
+        "m.onnx",
+        "--input",
+        "x.tif",
+        "--out",
+        "e.npy",
+        "--onnxruntime",
+        "/no/such/libonnxruntime.so.1.30.0",
+    ];
+    let out = Command::new(crate::util::bin())
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    let stderr = crate::util::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/no/such/libonnxruntime.so.1.30.0")
+            && stderr.contains("pip install onnxruntime==1.30.0"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
