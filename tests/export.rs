@@ -396,3 +396,38 @@ fn embed_without_the_onnx_runtime_library_says_how_to_install_it() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_reader_polling_latest_only_ever_sees_complete_checked_files() {
+    let Some(rt) = runtime() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let weights = golden("vit_weights.safetensors");
+    let mut spec = spec(InputContract::Normalized, 17);
+    let versions: Vec<Vec<u8>> = (1..=4)
+        .map(|step| {
+            spec.step = step;
+            export_bytes(&spec, &weights).unwrap()
+        })
+        .collect();
+    let latest = dir.path().join("latest.onnx");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut seen = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(bytes) = std::fs::read(&latest) {
+                    assert!(versions.contains(&bytes), "partial latest.onnx of {} bytes", bytes.len());
+                    seen += 1;
+                }
+            }
+            seen
+        });
+        for (i, bytes) in versions.iter().enumerate() {
+            spec.step = i as u64 + 1;
+            publish::publish(&rt, dir.path(), spec.step, bytes, &spec.metadata(), &probe(&spec), 2).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+    assert_eq!(std::fs::read(&latest).unwrap(), versions[3]);
+}
