@@ -288,16 +288,12 @@ fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
     let class_of =
         |f: &knn::LabelledFile| classes.iter().position(|c| *c == f.label).expect("collected above");
     let mut features = FeatureSource::new(args)?;
-    let (mut xb, d) = features.of(&args.bank, &bank, tile, args.batch)?;
-    let (mut xq, _) = features.of(&args.query, &query, tile, args.batch)?;
+    let (xb, d) = features.of(&args.bank, &bank, tile, args.batch)?;
+    let (xq, _) = features.of(&args.query, &query, tile, args.batch)?;
     let (yb, yq): (Vec<usize>, Vec<usize>) =
         (bank.iter().map(class_of).collect(), query.iter().map(class_of).collect());
-    let probe = knn::LinearProbe::fit(&xb, &yb, d, classes.len(), 300, 0.5, 1e-4);
-    let probe_acc = knn::accuracy(&probe.predict(&xq), &yq, classes.len());
-    knn::l2_normalize_rows(&mut xb, d);
-    knn::l2_normalize_rows(&mut xq, d);
-    let knn_pred = knn::knn_predict(&xb, &yb, &xq, d, classes.len(), knn::K, knn::TEMPERATURE);
-    let knn_acc = knn::accuracy(&knn_pred, &yq, classes.len());
+    let report = knn::evaluate(&xb, &yb, &xq, &yq, d, classes.len());
+    let (knn_acc, probe_acc) = (report.knn, report.linear);
     println!(
         "features: {} (dim {d}); bank {} files, query {} files",
         features.name(),

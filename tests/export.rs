@@ -431,3 +431,20 @@ fn a_reader_polling_latest_only_ever_sees_complete_checked_files() {
     });
     assert_eq!(std::fs::read(&latest).unwrap(), versions[3]);
 }
+
+#[test]
+fn a_requested_cuda_provider_that_cannot_run_is_an_error_not_a_cpu_fallback() {
+    let Some(rt) = runtime() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(InputContract::Normalized, 17);
+    let model =
+        write_model(dir.path(), "m.onnx", &export_bytes(&spec, &golden("vit_weights.safetensors")).unwrap());
+    match rt.open(&model, true) {
+        Ok(mut session) => {
+            eprintln!("CUDA execution provider available: checking it against the reference instead");
+            let (x, cls) = golden_io();
+            assert!(max_abs_diff(&session.run(&x, [2, 10, 120, 120]).unwrap().cls, &cls) <= 1e-4);
+        }
+        Err(e) => assert!(matches!(e, RuntimeError::Cuda { .. }), "{e}"),
+    }
+}
