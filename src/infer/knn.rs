@@ -201,6 +201,63 @@ pub fn evaluate(
     EvalReport { knn: accuracy(&predicted, query_labels, classes), linear }
 }
 
+/// Multi-label weighted k-NN (BigEarthNet): per query row, the vote-weighted mean of the top-`k`
+/// neighbours' 0/1 targets. `bank_targets` is `[bank rows, classes]`; returns `[query rows, classes]`.
+pub fn knn_multilabel_scores(
+    bank: &[f32],
+    bank_targets: &[f32],
+    query: &[f32],
+    d: usize,
+    classes: usize,
+    k: usize,
+    t: f32,
+) -> Vec<f32> {
+    let mut scores = Vec::with_capacity(query.len() / d.max(1) * classes);
+    for q in query.chunks(d) {
+        let mut sims: Vec<(f32, usize)> =
+            bank.chunks(d).enumerate().map(|(i, b)| (b.iter().zip(q).map(|(x, y)| x * y).sum(), i)).collect();
+        sims.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut row = vec![0.0f32; classes];
+        let mut total = 0.0f32;
+        for &(sim, i) in sims.iter().take(k) {
+            let w = (sim / t).exp();
+            total += w;
+            row.iter_mut().zip(&bank_targets[i * classes..(i + 1) * classes]).for_each(|(r, y)| *r += w * y);
+        }
+        scores.extend(row.into_iter().map(|r| r / total.max(f32::MIN_POSITIVE)));
+    }
+    scores
+}
+
+/// Micro-averaged average precision: all (score, target) pairs ranked together, the mean of the
+/// precision at each positive. `None` without positives.
+pub fn micro_average_precision(scores: &[f32], targets: &[f32]) -> Option<f64> {
+    let mut pairs: Vec<(f32, bool)> = scores.iter().zip(targets).map(|(s, t)| (*s, *t > 0.5)).collect();
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut hits, mut sum) = (0usize, 0.0f64);
+    for (rank, (_, positive)) in pairs.iter().enumerate() {
+        if *positive {
+            hits += 1;
+            sum += hits as f64 / (rank + 1) as f64;
+        }
+    }
+    (hits > 0).then(|| sum / hits as f64)
+}
+
+/// Micro-averaged F1 of `scores >= threshold` against 0/1 `targets`.
+pub fn micro_f1(scores: &[f32], targets: &[f32], threshold: f32) -> f64 {
+    let (mut tp, mut fp, mut fneg) = (0usize, 0usize, 0usize);
+    for (s, t) in scores.iter().zip(targets) {
+        match (*s >= threshold, *t > 0.5) {
+            (true, true) => tp += 1,
+            (true, false) => fp += 1,
+            (false, true) => fneg += 1,
+            (false, false) => {}
+        }
+    }
+    if tp == 0 { 0.0 } else { 2.0 * tp as f64 / (2 * tp + fp + fneg) as f64 }
+}
+
 /// One labelled file of an evaluation set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledFile {
@@ -294,5 +351,23 @@ mod tests {
         assert_eq!((report.knn.overall, report.linear.overall), (1.0, 1.0));
         let shuffled: Vec<usize> = yb.iter().map(|c| (c + 1) % 3).collect();
         assert_eq!(evaluate(&xb, &shuffled, &xq, &yq, 3, 3).knn.overall, 0.0);
+    }
+
+    #[test]
+    fn multilabel_knn_scores_and_micro_metrics() {
+        // Threshold 0.5: tp 3, fp 1, fn 0, so micro F1 = 2*3 / (2*3 + 1 + 0) = 6/7;
+        // the micro AP over ranks [+, -, +, +] is (1/1 + 2/3 + 3/4) / 3.
+        let targets = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0];
+        let scores = [0.9, 0.8, 0.7, 0.6, 0.2, 0.1];
+        assert!(
+            (micro_average_precision(&scores, &targets).unwrap() - (1.0 + 2.0 / 3.0 + 0.75) / 3.0).abs()
+                < 1e-12
+        );
+        assert!((micro_f1(&scores, &targets, 0.5) - 6.0 / 7.0).abs() < 1e-12);
+        assert_eq!(micro_average_precision(&scores, &[0.0; 6]), None);
+        let bank = [1.0, 0.0, 0.0, 1.0];
+        let bank_targets = [1.0, 0.0, 0.0, 1.0];
+        let s = knn_multilabel_scores(&bank, &bank_targets, &[1.0, 0.0], 2, 2, 1, TEMPERATURE);
+        assert_eq!(s, vec![1.0, 0.0]);
     }
 }
