@@ -282,38 +282,80 @@ fn collect_tiffs(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
     let bank = read_label_file(&args.labels)?;
     let query = read_label_file(&args.query_labels)?;
-    let mut classes: Vec<String> = bank.iter().chain(&query).map(|f| f.label.clone()).collect();
+    let mut classes: Vec<String> = bank.iter().chain(&query).flat_map(|f| f.labels.clone()).collect();
     classes.sort();
     classes.dedup();
-    let class_of =
-        |f: &knn::LabelledFile| classes.iter().position(|c| *c == f.label).expect("collected above");
     let mut features = FeatureSource::new(args)?;
     let (xb, d) = features.of(&args.bank, &bank, tile, args.batch)?;
     let (xq, _) = features.of(&args.query, &query, tile, args.batch)?;
-    let (yb, yq): (Vec<usize>, Vec<usize>) =
-        (bank.iter().map(class_of).collect(), query.iter().map(class_of).collect());
-    let report = knn::evaluate(&xb, &yb, &xq, &yq, d, classes.len());
-    let (knn_acc, probe_acc) = (report.knn, report.linear);
     println!(
         "features: {} (dim {d}); bank {} files, query {} files",
         features.name(),
         bank.len(),
         query.len()
     );
+    if bank.iter().chain(&query).any(|f| f.labels.len() != 1) {
+        print_multilabel_eval(&xb, &bank, &xq, &query, d, &classes);
+    } else {
+        print_single_label_eval(&xb, &bank, &xq, &query, d, &classes);
+    }
+    Ok(())
+}
+
+/// Class indices of single-label files.
+fn class_indices(files: &[knn::LabelledFile], classes: &[String]) -> Vec<usize> {
+    files
+        .iter()
+        .map(|f| classes.iter().position(|c| *c == f.labels[0]).expect("classes collected from these files"))
+        .collect()
+}
+
+/// k-NN and linear-probe accuracy, per class and overall.
+fn print_single_label_eval(
+    xb: &[f32],
+    bank: &[knn::LabelledFile],
+    xq: &[f32],
+    query: &[knn::LabelledFile],
+    d: usize,
+    classes: &[String],
+) {
+    let (yb, yq) = (class_indices(bank, classes), class_indices(query, classes));
+    let report = knn::evaluate(xb, &yb, xq, &yq, d, classes.len());
     println!("{:<24} {:>8} {:>8} {:>6}", "class", "knn", "linear", "n");
     for (c, name) in classes.iter().enumerate() {
-        let (k, l) = (knn_acc.per_class[c], probe_acc.per_class[c]);
+        let (k, l) = (report.knn.per_class[c], report.linear.per_class[c]);
         let pct = |(ok, n): (usize, usize)| if n == 0 { f64::NAN } else { 100.0 * ok as f64 / n as f64 };
         println!("{name:<24} {:>7.1}% {:>7.1}% {:>6}", pct(k), pct(l), k.1);
     }
+    let (k, l) = (100.0 * report.knn.overall, 100.0 * report.linear.overall);
+    println!("{:<24} {k:>7.1}% {l:>7.1}% {:>6}", "overall", yq.len());
+}
+
+/// Multi-label (BigEarthNet) weighted k-NN: micro mAP and micro F1 at 0.5.
+fn print_multilabel_eval(
+    xb: &[f32],
+    bank: &[knn::LabelledFile],
+    xq: &[f32],
+    query: &[knn::LabelledFile],
+    d: usize,
+    classes: &[String],
+) {
+    let targets = |files: &[knn::LabelledFile]| -> Vec<f32> {
+        files.iter().flat_map(|f| classes.iter().map(|c| f32::from(u8::from(f.labels.contains(c))))).collect()
+    };
+    let (mut xb, mut xq) = (xb.to_vec(), xq.to_vec());
+    knn::l2_normalize_rows(&mut xb, d);
+    knn::l2_normalize_rows(&mut xq, d);
+    let scores =
+        knn::knn_multilabel_scores(&xb, &targets(bank), &xq, d, classes.len(), knn::K, knn::TEMPERATURE);
+    let truth = targets(query);
+    let map = knn::micro_average_precision(&scores, &truth).unwrap_or(f64::NAN);
     println!(
-        "{:<24} {:>7.1}% {:>7.1}% {:>6}",
-        "overall",
-        100.0 * knn_acc.overall,
-        100.0 * probe_acc.overall,
-        yq.len()
+        "multi-label weighted k-NN over {} classes: micro mAP {:.1}%, micro F1@0.5 {:.1}%",
+        classes.len(),
+        100.0 * map,
+        100.0 * knn::micro_f1(&scores, &truth, 0.5)
     );
-    Ok(())
 }
 
 fn read_label_file(path: &Path) -> Result<Vec<knn::LabelledFile>> {

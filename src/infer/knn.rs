@@ -261,27 +261,34 @@ pub fn micro_f1(scores: &[f32], targets: &[f32], threshold: f32) -> f64 {
 /// One labelled file of an evaluation set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledFile {
-    /// Path relative to the set's folder (`AnnualCrop/AnnualCrop_1.tif`).
+    /// Path relative to the set's folder (`AnnualCrop/AnnualCrop_1.tif`, or a BigEarthNet patch folder).
     pub filename: String,
-    /// Class name.
-    pub label: String,
+    /// Class names: one for EuroSAT, any number for BigEarthNet.
+    pub labels: Vec<String>,
 }
 
-/// Read a labels CSV with `filename` and `label` columns (the `eurosat-ms/labels.csv` format;
-/// other columns are ignored). Quoted fields are not supported.
+/// Read a labels CSV: `filename` and `label` columns (the `eurosat-ms/labels.csv` format), or
+/// `patch` and `labels_19` with `|`-separated labels (the `bigearthnet-s2/labels.csv` format).
+/// Other columns are ignored; quoted fields are not supported.
 pub fn read_labels(text: &str) -> Result<Vec<LabelledFile>, String> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines.next().ok_or("empty labels file")?.split(',').map(str::trim).collect();
-    let column = |name: &str| {
-        header.iter().position(|h| *h == name).ok_or(format!("no `{name}` column in {header:?}"))
+    let column = |names: [&str; 2]| {
+        header
+            .iter()
+            .position(|h| names.contains(h))
+            .ok_or(format!("no `{}` column in {header:?}", names.join("` or `")))
     };
-    let (file_col, label_col) = (column("filename")?, column("label")?);
+    let (file_col, label_col) = (column(["filename", "patch"])?, column(["label", "labels_19"])?);
     lines
         .enumerate()
         .map(|(i, line)| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             match (fields.get(file_col), fields.get(label_col)) {
-                (Some(f), Some(l)) => Ok(LabelledFile { filename: f.to_string(), label: l.to_string() }),
+                (Some(f), Some(l)) => Ok(LabelledFile {
+                    filename: f.to_string(),
+                    labels: l.split('|').map(str::to_string).collect(),
+                }),
                 _ => Err(format!("line {}: fewer than {} fields", i + 2, file_col.max(label_col) + 1)),
             }
         })
@@ -326,7 +333,9 @@ mod tests {
     fn labels_csv_is_read_by_column_name() {
         let text = "filename,label,label_index\nA/a.tif,Forest,1\nB/b.tif,River,8\n";
         let rows = read_labels(text).unwrap();
-        assert_eq!(rows[1], LabelledFile { filename: "B/b.tif".into(), label: "River".into() });
+        assert_eq!(rows[1], LabelledFile { filename: "B/b.tif".into(), labels: vec!["River".into()] });
+        let ben = read_labels("patch,version,labels_19\nS2A_1,v1,Arable land|Marine waters\n").unwrap();
+        assert_eq!(ben[0].labels, ["Arable land", "Marine waters"]);
         assert!(read_labels("file,class\n").unwrap_err().contains("filename"));
     }
 
