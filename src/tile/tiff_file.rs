@@ -226,11 +226,16 @@ struct CopyGeometry {
 }
 
 impl CopyGeometry {
-    fn copy<T: Copy + Into<f64>>(&self, chunk: &[T], bands: &[usize], planar: bool, out: &mut [f32]) {
+    fn copy<T: Sample>(&self, chunk: &[T], bands: &[usize], planar: bool, out: &mut [f32]) {
         let n_rows = self.rows.len();
         let y_lo = self.rows.start.max(self.place.y0);
         let y_hi = self.rows.end.min(self.place.y0 + self.h);
         let nodata = self.nodata.map(|v| v as f32);
+        // Integer samples without a nodata value cannot be nodata: plain conversion.
+        let masked = T::FLOAT || nodata.is_some();
+        if !masked && !planar {
+            return self.copy_chunky(chunk, bands, out);
+        }
         for (c, &band) in bands.iter().enumerate() {
             let (sample, stride) = match planar {
                 true if band != self.place.plane => continue,
@@ -241,12 +246,69 @@ impl CopyGeometry {
                 let src = &chunk[(y - self.place.y0) * self.w * stride..][..self.w * stride];
                 let dst_row = (c * n_rows + (y - self.rows.start)) * self.width + self.place.x0;
                 let dst = &mut out[dst_row..dst_row + self.w];
-                for (d, px) in dst.iter_mut().zip(src.chunks_exact(stride)) {
-                    let v = px[sample].into() as f32;
-                    *d = if !v.is_finite() || Some(v) == nodata { f32::NAN } else { v };
+                let values = src[sample..].iter().step_by(stride).map(|&v| v.to_f32());
+                if masked {
+                    for (d, v) in dst.iter_mut().zip(values) {
+                        *d = if !v.is_finite() || Some(v) == nodata { f32::NAN } else { v };
+                    }
+                } else {
+                    for (d, v) in dst.iter_mut().zip(values) {
+                        *d = v;
+                    }
                 }
             }
         }
+    }
+}
+
+impl CopyGeometry {
+    /// Pixel-interleaved integer samples: one pass over each row, scattering the chosen bands.
+    fn copy_chunky<T: Sample>(&self, chunk: &[T], bands: &[usize], out: &mut [f32]) {
+        let n_rows = self.rows.len();
+        let y_lo = self.rows.start.max(self.place.y0);
+        let y_hi = self.rows.end.min(self.place.y0 + self.h);
+        let plane = n_rows * self.width;
+        for y in y_lo..y_hi {
+            let src = &chunk[(y - self.place.y0) * self.w * self.spp..][..self.w * self.spp];
+            let row = (y - self.rows.start) * self.width + self.place.x0;
+            for (x, px) in src.chunks_exact(self.spp).enumerate() {
+                for (c, &band) in bands.iter().enumerate() {
+                    out[c * plane + row + x] = px[band].to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// A sample type the decoder returns.
+trait Sample: Copy {
+    /// Whether the type can hold NaN and infinities.
+    const FLOAT: bool = false;
+    fn to_f32(self) -> f32;
+}
+
+macro_rules! integer_sample {
+    ($($t:ty),*) => {$(
+        impl Sample for $t {
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+        }
+    )*};
+}
+integer_sample!(u8, u16, u32, i8, i16, i32);
+
+impl Sample for f32 {
+    const FLOAT: bool = true;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Sample for f64 {
+    const FLOAT: bool = true;
+    fn to_f32(self) -> f32 {
+        self as f32
     }
 }
 
