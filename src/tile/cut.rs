@@ -48,9 +48,8 @@ pub(crate) fn cut_patches(
     let side_w = cfg.patch_px.min(width);
     let side_h = cfg.patch_px.min(height);
     let mut count = PatchCount::default();
-    let mut emit = |rows: Rows, x: usize, y: usize| {
-        let window = Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
-        let patch = extract(rows, window, bands, path);
+    let whole = Window { x: 0, y: 0, width: width as u32, height: height as u32 };
+    let mut emit = |patch: Patch| {
         if patch.nodata_fraction > cfg.max_nodata_fraction {
             count.skipped += 1;
             return ControlFlow::Continue(());
@@ -58,15 +57,24 @@ pub(crate) fn cut_patches(
         count.yielded += 1;
         sink(patch)
     };
+    let window =
+        |x: usize, y: usize| Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
     if let Some(values) = source.resident() {
         let rows = Rows { values, width, height, y0: 0 };
         for y in origins(height, side_h, cfg.stride_px) {
             for x in origins(width, side_w, cfg.stride_px) {
-                if emit(rows, x, y).is_break() {
+                if emit(extract(rows, window(x, y), bands, path)).is_break() {
                     return Ok(count);
                 }
             }
         }
+        return Ok(count);
+    }
+    if (side_w, side_h) == (width, height) {
+        // One window covers the image (EuroSAT): read straight into the patch.
+        let mut data = vec![0f32; bands.len() * width * height];
+        source.read_rows(0..height, &mut data)?;
+        emit(finish(data, whole, bands, path));
         return Ok(count);
     }
     let mut buffer = vec![0f32; bands.len() * side_h * width];
@@ -74,7 +82,7 @@ pub(crate) fn cut_patches(
         source.read_rows(y..y + side_h, &mut buffer)?;
         let rows = Rows { values: &buffer, width, height: side_h, y0: y };
         for x in origins(width, side_w, cfg.stride_px) {
-            if emit(rows, x, y).is_break() {
+            if emit(extract(rows, window(x, y), bands, path)).is_break() {
                 return Ok(count);
             }
         }
@@ -82,22 +90,31 @@ pub(crate) fn cut_patches(
     Ok(count)
 }
 
-/// One window of the row buffer as reflectance; NaN values become 0 and, like all-zero pixels,
-/// count towards the nodata fraction.
+/// One window of the row buffer as a patch.
 fn extract(rows: Rows, window: Window, bands: &[String], path: &Path) -> Patch {
     let (w, h) = (window.width as usize, window.height as usize);
-    let plane = h * w;
-    let mut data = Vec::with_capacity(bands.len() * plane);
-    // Per pixel: bit 0 = some band is nodata, bit 1 = some band is a non-zero value.
-    let mut flags = vec![0u8; plane];
+    let mut data = Vec::with_capacity(bands.len() * h * w);
     for c in 0..bands.len() {
         for r in 0..h {
             let start = (c * rows.height + window.y as usize - rows.y0 + r) * rows.width + window.x as usize;
-            let src = &rows.values[start..start + w];
-            data.extend(src.iter().map(|&v| if v.is_nan() { 0.0 } else { v / 10000.0 }));
-            for (f, &v) in flags[r * w..(r + 1) * w].iter_mut().zip(src) {
-                *f |= u8::from(v.is_nan()) | (u8::from(!v.is_nan() && v != 0.0) << 1);
-            }
+            data.extend_from_slice(&rows.values[start..start + w]);
+        }
+    }
+    finish(data, window, bands, path)
+}
+
+/// Raw `[C, H, W]` values of `window` to reflectance, in place: NaN becomes 0 and, like all-zero
+/// pixels, counts towards the nodata fraction.
+fn finish(mut data: Vec<f32>, window: Window, bands: &[String], path: &Path) -> Patch {
+    let (w, h) = (window.width as usize, window.height as usize);
+    let plane = h * w;
+    // Per pixel: bit 0 = some band is nodata, bit 1 = some band is a non-zero value.
+    let mut flags = vec![0u8; plane];
+    for channel in data.chunks_exact_mut(plane) {
+        for (f, v) in flags.iter_mut().zip(channel.iter_mut()) {
+            let nodata = v.is_nan();
+            *f |= u8::from(nodata) | (u8::from(!nodata && *v != 0.0) << 1);
+            *v = if nodata { 0.0 } else { *v / 10000.0 };
         }
     }
     let nodata = flags.iter().filter(|&&f| f != 2).count();

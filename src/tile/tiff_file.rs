@@ -21,6 +21,47 @@ use crate::config::TileConfig;
 /// for a whole scene) are refused: reading them would mean holding the scene in memory.
 const MAX_CHUNK_BYTES: usize = 256 << 20;
 
+/// Files up to this size are read into memory with one read; larger ones are read as needed.
+const SMALL_FILE_BYTES: u64 = 8 << 20;
+
+/// The bytes of a file: all in memory when small (one `read` instead of one per strip), else a
+/// buffered reader.
+pub(crate) enum FileReader {
+    Memory(std::io::Cursor<Vec<u8>>),
+    Disk(BufReader<File>),
+}
+
+impl FileReader {
+    fn new(mut file: File) -> std::io::Result<FileReader> {
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(0))?;
+        if len > SMALL_FILE_BYTES {
+            return Ok(FileReader::Disk(BufReader::new(file)));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes)?;
+        Ok(FileReader::Memory(std::io::Cursor::new(bytes)))
+    }
+}
+
+impl Read for FileReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            FileReader::Memory(c) => c.read(buf),
+            FileReader::Disk(r) => r.read(buf),
+        }
+    }
+}
+
+impl Seek for FileReader {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            FileReader::Memory(c) => c.seek(pos),
+            FileReader::Disk(r) => r.seek(pos),
+        }
+    }
+}
+
 /// Compression codes the decoder handles: none, LZW, deflate (both codes), packbits, zstd.
 const SUPPORTED_COMPRESSION: [u16; 6] = [1, 5, 8, 32946, 32773, 50000];
 
@@ -59,7 +100,7 @@ pub(crate) struct TiffMeta {
 pub(crate) struct TiffFile {
     pub path: PathBuf,
     pub meta: TiffMeta,
-    decoder: Decoder<BufReader<File>>,
+    decoder: Decoder<FileReader>,
     compression_code: u16,
     /// Chunks decoded by the last [`TiffFile::read_rows`] call, by chunk index: consecutive patch
     /// rows share strips and tiles, and each is decoded once. Holds at most the chunk rows one call
@@ -76,11 +117,11 @@ impl TiffFile {
         if let Some((w, h, spp)) = peek_dimensions(&mut file) {
             check_limits(path, w, h, spp, cfg)?;
         }
-        file.seek(SeekFrom::Start(0)).map_err(|e| TileError::io(path, e))?;
+        let reader = FileReader::new(file).map_err(|e| TileError::io(path, e))?;
         let mut limits = Limits::default();
         limits.decoding_buffer_size = MAX_CHUNK_BYTES;
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
-        let mut decoder = guard(path, || Decoder::new(BufReader::new(file)))?.with_limits(limits);
+        let mut decoder = guard(path, || Decoder::new(reader))?.with_limits(limits);
         let (meta, compression_code) = read_meta(path, &mut decoder, cfg)?;
         Ok(TiffFile {
             path: path.to_path_buf(),
@@ -343,7 +384,7 @@ fn sample_bytes(chunk: &DecodingResult) -> usize {
 /// This second pass costs one more inflate per deflate chunk (chunks are decoded once, see the cache).
 fn check_inflated_size(
     path: &Path,
-    reader: &mut BufReader<File>,
+    reader: &mut FileReader,
     range: Option<(u64, u64)>,
     index: u32,
     decoded_bytes: u64,
@@ -442,7 +483,7 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn read_meta(
     path: &Path,
-    d: &mut Decoder<BufReader<File>>,
+    d: &mut Decoder<FileReader>,
     cfg: &TileConfig,
 ) -> Result<(TiffMeta, u16), TileError> {
     let width = guard(path, || d.get_tag_u32(Tag::ImageWidth))? as usize;
@@ -596,7 +637,7 @@ fn gdal_descriptions(xml: &str, samples: usize) -> Vec<Option<String>> {
     out
 }
 
-fn read_georef(path: &Path, d: &mut Decoder<BufReader<File>>) -> Result<Option<Georef>, TileError> {
+fn read_georef(path: &Path, d: &mut Decoder<FileReader>) -> Result<Option<Georef>, TileError> {
     let scale = guard(path, || d.find_tag(Tag::ModelPixelScaleTag))?.and_then(|v| v.into_f64_vec().ok());
     let tie = guard(path, || d.find_tag(Tag::ModelTiepointTag))?.and_then(|v| v.into_f64_vec().ok());
     let keys = guard(path, || d.find_tag(Tag::GeoKeyDirectoryTag))?.and_then(|v| v.into_u16_vec().ok());
