@@ -32,9 +32,7 @@ pub(crate) enum FileReader {
 }
 
 impl FileReader {
-    fn new(mut file: File) -> std::io::Result<FileReader> {
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(0))?;
+    fn new(mut file: File, len: u64) -> std::io::Result<FileReader> {
         if len > SMALL_FILE_BYTES {
             return Ok(FileReader::Disk(BufReader::new(file)));
         }
@@ -113,11 +111,11 @@ pub(crate) struct TiffFile {
 impl TiffFile {
     /// Open `path`, check its header and its declared size against `cfg`'s limits.
     pub fn open(path: &Path, cfg: &TileConfig) -> Result<TiffFile, TileError> {
-        let mut file = open_checked(path)?;
-        if let Some((w, h, spp)) = peek_dimensions(&mut file) {
+        let mut reader = open_checked(path)?;
+        if let Some((w, h, spp)) = peek_dimensions(&mut reader) {
             check_limits(path, w, h, spp, cfg)?;
         }
-        let reader = FileReader::new(file).map_err(|e| TileError::io(path, e))?;
+        reader.seek(SeekFrom::Start(0)).map_err(|e| TileError::io(path, e))?;
         let mut limits = Limits::default();
         limits.decoding_buffer_size = MAX_CHUNK_BYTES;
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
@@ -405,12 +403,13 @@ fn check_inflated_size(
 }
 
 /// Open the file and reject empty and non-TIFF files before the decoder sees them.
-fn open_checked(path: &Path) -> Result<File, TileError> {
-    let mut file = File::open(path).map_err(|e| TileError::io(path, e))?;
+fn open_checked(path: &Path) -> Result<FileReader, TileError> {
+    let file = File::open(path).map_err(|e| TileError::io(path, e))?;
     let len = file.metadata().map_err(|e| TileError::io(path, e))?.len();
     if len == 0 {
         return Err(TileError::Empty { path: path.to_path_buf() });
     }
+    let mut file = FileReader::new(file, len).map_err(|e| TileError::io(path, e))?;
     let mut header = [0u8; 4];
     let n = read_up_to(&mut file, &mut header).map_err(|e| TileError::io(path, e))?;
     let header = &header[..n];
@@ -429,7 +428,7 @@ fn open_checked(path: &Path) -> Result<File, TileError> {
 /// Width, height and samples per pixel from the first IFD, read without the decoder, so that an
 /// oversized image is refused before the decoder builds anything for it. `None` when the IFD
 /// cannot be read this way (the decoder then reports why).
-fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
+fn peek_dimensions(file: &mut FileReader) -> Option<(usize, usize, usize)> {
     file.seek(SeekFrom::Start(0)).ok()?;
     let mut header = [0u8; 16];
     read_up_to(file, &mut header).ok()?;
@@ -470,7 +469,7 @@ fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
     Some((w?, h?, spp))
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..])? {
