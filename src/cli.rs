@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, TileConfig, parse_layout};
 use crate::dino::StepReport;
-use crate::service::train::{Progress, TrainJob};
 use crate::infer::embed;
 use crate::infer::knn;
 use crate::infer::runtime::{LibrarySearch, OnnxModel, Runtime};
+use crate::service::train::{Progress, TrainJob};
 use crate::tile::{self, Patch};
 
 /// Continual DINO self-supervised training on Sentinel-2 tiles.
@@ -204,7 +204,6 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
-
 
 /// Parse the process arguments (exits with usage help on error, as clap does).
 pub fn parse() -> Cli {

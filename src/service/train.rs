@@ -42,8 +42,7 @@ pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<
     let patches = load_patches(&job.data, cfg)?;
     let batch_size = cfg.train.batch_size;
     let span = ScheduleSpan::for_steps(job.steps, patches.len(), batch_size);
-    let setup =
-        TrainerSetup::new(&cfg.model, &cfg.train, &cfg.tile.bands, cfg.augment.local_crops, span)?;
+    let setup = TrainerSetup::new(&cfg.model, &cfg.train, &cfg.tile.bands, cfg.augment.local_crops, span)?;
     let device = crate::model::device(cfg.train.device)?;
     let mut trainer = Trainer::new(setup, &device)?;
     log::info!(
