@@ -6,6 +6,7 @@ mod util;
 
 mod augment;
 mod cli;
+mod layering;
 mod ingest;
 mod stream;
 mod dino;
