@@ -7,6 +7,7 @@ mod util;
 mod augment;
 mod cli;
 mod layering;
+mod pipeline;
 mod ingest;
 mod stream;
 mod dino;

@@ -117,7 +117,8 @@ impl LibrarySearch {
         for venv in &self.venvs {
             looked.push(format!("{}/lib/python3*/site-packages/onnxruntime/capi", venv.display()));
             if let Some(lib) = site_packages(venv).iter().find_map(|sp| library_in(&sp.join("onnxruntime"))) {
-                return Ok(lib);
+                // Absolute, so the path stays valid for child processes in other folders.
+                return Ok(std::fs::canonicalize(&lib).unwrap_or(lib));
             }
         }
         for python in &self.pythons {

@@ -1,0 +1,115 @@
+//! The commands chained as a user runs them on the bundled real tiles: preview, train a micro model,
+//! load its checkpoint back, export it to ONNX, embed tiles with it, evaluate on a EuroSAT split.
+
+use std::path::{Path, PathBuf};
+
+use dinostream::infer::runtime::LibrarySearch;
+
+use crate::util::*;
+
+/// Train the micro preset for 2 steps on all bundled tiles into `dir/ck`.
+fn train_micro(dir: &Path) -> PathBuf {
+    let data = data("");
+    let out = run_in(
+        dir,
+        &[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--layout",
+            "eurosat13",
+            "--steps",
+            "2",
+            "--model",
+            "vit-micro-p8",
+            "--batch-size",
+            "2",
+            "--checkpoint",
+            "ck",
+        ],
+    );
+    assert_ok(&out);
+    assert!(stdout(&out).contains("step 2: loss"), "{}", stdout(&out));
+    dir.join("ck")
+}
+
+#[test]
+fn preview_writes_the_view_grid_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let tile = data("bigearthnet-s2/S2A_MSIL2A_20170617T113321_4_55");
+    let out = run_in(dir.path(), &["preview", "--input", tile.to_str().unwrap(), "--out", "v.png"]);
+    assert_ok(&out);
+    let png = std::fs::read(dir.path().join("v.png")).unwrap();
+    let decoder = png::Decoder::new(std::io::Cursor::new(png));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert!(info.width > info.height && info.height > 2 * 120, "{}x{}", info.width, info.height);
+}
+
+#[test]
+fn trained_checkpoint_loads_back_at_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = train_micro(dir.path());
+    let trainer = dinostream::dino::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(trainer.state().step, 2);
+    assert_eq!(trainer.setup().bands.len(), 10);
+}
+
+#[test]
+fn train_on_a_folder_without_tiles_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let out = run_in(dir.path(), &["train", "--data", "empty", "--steps", "1", "--model", "vit-micro-p8"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no usable patches"), "{}", stderr(&out));
+}
+
+#[test]
+fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
+    let Ok(ort) = LibrarySearch::standard(None).find() else {
+        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ck = train_micro(dir.path());
+    let ort = ort.to_str().unwrap();
+    assert_ok(&run_in(dir.path(), &["export", "--checkpoint", ck.to_str().unwrap(), "--out", "m.onnx"]));
+
+    let eurosat = data("eurosat-ms");
+    let ben = data("bigearthnet-s2");
+    let args =
+        ["embed", "--model", "m.onnx", "--out", "e.npy", "--layout", "eurosat13", "--onnxruntime", ort];
+    let out = run_in(
+        dir.path(),
+        &[&args[..], &["--input", eurosat.to_str().unwrap(), ben.to_str().unwrap()]].concat(),
+    );
+    assert_ok(&out);
+    let npy = std::fs::read(dir.path().join("e.npy")).unwrap();
+    assert!(npy.starts_with(b"\x93NUMPY"));
+    let index = std::fs::read_to_string(dir.path().join("e.csv")).unwrap();
+    assert_eq!(index.lines().count(), 1 + 4 + 2, "{index}"); // header, 4 EuroSAT tiles, 2 BigEarthNet patches
+
+    let labels = eurosat.join("labels.csv");
+    let labels = labels.to_str().unwrap();
+    let eval = [
+        "eval",
+        "--model",
+        "m.onnx",
+        "--bank",
+        eurosat.to_str().unwrap(),
+        "--labels",
+        labels,
+        "--query",
+        eurosat.to_str().unwrap(),
+        "--query-labels",
+        labels,
+        "--layout",
+        "eurosat13",
+        "--onnxruntime",
+        ort,
+    ];
+    let out = run_in(dir.path(), &eval);
+    assert_ok(&out);
+    // The query is the bank itself, so k-NN finds each tile at similarity 1.
+    let overall = stdout(&out).lines().find(|l| l.starts_with("overall")).map(str::to_owned);
+    assert!(overall.as_deref().is_some_and(|l| l.contains("100.0%")), "{}", stdout(&out));
+}
