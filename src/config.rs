@@ -26,6 +26,8 @@ pub struct Config {
     pub train: TrainConfig,
     /// The watched folder, the tile ledger and the replay buffer.
     pub stream: StreamConfig,
+    /// ONNX export of the teacher backbone and its verified publishing (`serve`).
+    pub export: ExportConfig,
 }
 
 /// Ingest settings (`[tile]`).
@@ -321,6 +323,56 @@ impl Default for StreamConfig {
     }
 }
 
+/// ONNX export settings (`[export]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Publish a verified ONNX model of the teacher from `serve`.
+    pub enabled: bool,
+    /// Publish at a checkpoint once this many steps passed since the last export (0 = at every
+    /// checkpoint); always at shutdown.
+    pub every_steps: u64,
+    /// What the model input holds: `reflectance` (DN / 10000, normalised inside the graph) or
+    /// `normalized` (the caller applies the per-band mean/std).
+    pub input_contract: String,
+    /// Also output the patch tokens `[N, L, D]`.
+    pub patch_tokens: bool,
+    /// Exports kept in the exports folder (older `dinostream-step*.onnx` are removed).
+    pub keep: usize,
+    /// Real patches in the probe batch ONNX Runtime must reproduce before a publish.
+    pub probe_patches: usize,
+    /// `libonnxruntime.so.1.*` to load; unset: `ORT_DYLIB_PATH`, `./.venv`, then python3's
+    /// onnxruntime package.
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            enabled: true,
+            every_steps: 0,
+            input_contract: "reflectance".into(),
+            patch_tokens: false,
+            keep: 5,
+            probe_patches: 8,
+            onnxruntime: None,
+        }
+    }
+}
+
+impl ExportConfig {
+    fn check(&self, v: &mut Validator) {
+        if !matches!(self.input_contract.as_str(), "reflectance" | "normalized") {
+            v.fail(
+                "export.input_contract",
+                format!("is `{}`; must be `reflectance` or `normalized`", self.input_contract),
+            );
+        }
+        v.positive("export.keep", self.keep);
+        v.positive("export.probe_patches", self.probe_patches);
+    }
+}
+
 /// One invalid setting: the key, the value found, and what is allowed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyError {
@@ -381,6 +433,7 @@ impl Config {
         self.augment.check(&mut v);
         self.model.check(&mut v);
         self.train.check(&mut v);
+        self.export.check(&mut v);
         self.stream.check(&mut v);
         if v.errors.is_empty() { Ok(()) } else { Err(v.errors) }
     }
@@ -620,6 +673,16 @@ mod tests {
         assert_eq!(parse_layout("sentinel2-12").unwrap().len(), 12);
         assert_eq!(parse_layout("b04,B03, B02").unwrap(), ["B04", "B03", "B02"]);
         assert!(parse_layout("B04,B99").is_err());
+    }
+
+    #[test]
+    fn export_defaults_and_a_rejected_contract() {
+        let cfg = Config::default();
+        assert!(cfg.export.enabled);
+        assert_eq!(cfg.export.input_contract, "reflectance");
+        let errs = errors_of("[export]\ninput_contract = \"dn\"\nkeep = 0\n");
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["export.input_contract", "export.keep"]);
     }
 
     #[test]

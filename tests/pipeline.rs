@@ -113,3 +113,31 @@ fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
     let overall = stdout(&out).lines().find(|l| l.starts_with("overall")).map(str::to_owned);
     assert!(overall.as_deref().is_some_and(|l| l.contains("100.0%")), "{}", stdout(&out));
 }
+
+#[test]
+fn a_trained_teacher_is_published_only_after_onnx_runtime_reproduces_it() {
+    if LibrarySearch::standard(None).find().is_err() {
+        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ck = train_micro(dir.path());
+    let trainer = dinostream::dino::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    let cfg = dinostream::config::Config::default();
+    let mut probe = Vec::new();
+    for input in dinostream::tile::list_inputs(&data("bigearthnet-s2")).unwrap() {
+        probe.extend(
+            dinostream::tile::read_patches(&input, &cfg.tile).unwrap().into_iter().map(std::sync::Arc::new),
+        );
+    }
+    let exports = dir.path().join("exports");
+    let published =
+        dinostream::service::publish::publish_checkpoint(&cfg.export, &exports, &ck, &trainer, &probe)
+            .unwrap();
+    assert!(published.check.passed && published.check.batch == 2, "{:?}", published.check);
+    assert!(published.check.max_abs_diff <= 1e-4 && published.check.min_cosine >= 0.99999);
+    assert!(exports.join("latest.onnx").is_file() && exports.join("dinostream-step2.onnx").is_file());
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exports.join("latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["metadata"]["training_step"], 2, "{latest}");
+}

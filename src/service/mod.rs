@@ -5,4 +5,5 @@
 pub mod signal;
 pub mod status;
 pub mod systemd;
+pub mod publish;
 pub mod train;
