@@ -15,12 +15,16 @@
 //! - [`stream`]: watch the incoming folder, remember every tile in the ledger, mix fresh and
 //!   replayed patches into batches.
 //! - [`augment`]: multi-crop views and batches (plain f32, no candle).
+//! - [`model`]: the ViT backbone, DINO head and multi-crop wrapper on candle, from `models/*.toml`.
+//! - [`dino`]: loss, schedules, optimiser, teacher EMA, the training step, checkpoints.
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
 pub mod augment;
 pub mod service;
 pub mod cli;
 pub mod config;
+pub mod dino;
 pub mod fsio;
 pub mod stream;
+pub mod model;
 pub mod tile;

@@ -4,6 +4,8 @@
 mod tiff_writer;
 mod util;
 
+mod augment;
 mod cli;
 mod ingest;
 mod stream;
+mod dino;

@@ -1,6 +1,22 @@
 //! The DINO multi-crop augmenter: one [`Patch`](crate::tile::Patch) becomes [`Views`] (2 global
 //! crops and N local crops, normalised per band), and a worker pool turns patches into ready
 //! training [`Batch`]es. Plain f32 buffers only: this stage knows nothing of candle.
+//!
+//! - [`Augmenter`] (`augmenter.rs`): patch + sample index -> [`Views`], deterministic per sample.
+//! - `params.rs`: the random decisions of a view; `ops.rs`: each operation with OpenCV semantics;
+//!   `resample.rs`: the geometric steps computed only where the output needs them.
+//! - [`AugmentPool`] (`pool.rs`): worker threads, bounded queue, batches in sample order.
+//! - [`preview`]: the labelled PNG of one sample's views.
+
+mod augmenter;
+pub mod ops;
+pub mod params;
+mod pool;
+pub mod preview;
+mod resample;
+
+pub use augmenter::{AugmentError, Augmenter, Resample, geometry_two_step};
+pub use pool::{AugmentPool, Sample, build_batch};
 
 /// One view: `[C, H, W]` f32, normalised.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,113 @@
+//! Augmentation throughput: samples/s (1 sample = 2 global + 6 local views, all 10 bands) on a
+//! preloaded real BigEarthNet patch (120 x 120 x 10, `tests/fixtures/ben_patch.u16`), one thread
+//! and through the worker pool. Not a test: run it with `benches/run_augment.sh`, which puts the
+//! Python baselines beside it.
+//!
+//! ```sh
+//! cargo bench --bench augment -- [SECONDS]
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use dinostream::augment::{AugmentPool, Augmenter, Resample, Sample};
+use dinostream::config::{AugmentConfig, SEED_BANDS};
+use dinostream::tile::{Patch, Window};
+
+/// Samples per batch in the pool runs.
+const BATCH: usize = 32;
+
+fn main() {
+    let seconds: f64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10.0);
+    let patch = Arc::new(real_patch());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("augment bench: real BigEarthNet patch 10x120x120, {seconds} s per run, {cores} cores");
+    for resample in [Resample::Exact, Resample::Fused] {
+        let aug = Arc::new(
+            Augmenter::new(&AugmentConfig::default(), &patch.bands)
+                .expect("seed bands have statistics")
+                .with_resample(resample),
+        );
+        let one = single_thread(&aug, &patch, seconds);
+        report(resample, "1 thread, write_views", 1, one);
+        let pool1 = pool(&aug, &patch, 1, seconds);
+        report(resample, "pool, 1 worker", 1, pool1);
+        if cores > 1 {
+            let pooln = pool(&aug, &patch, cores, seconds);
+            report(resample, &format!("pool, {cores} workers"), cores, pooln);
+            println!(
+                "  scaling {resample:?}: {cores} workers = {:.2} x 1 worker (target >= {:.1})",
+                pooln / pool1,
+                0.8 * cores as f64
+            );
+        }
+    }
+}
+
+fn report(resample: Resample, what: &str, threads: usize, per_s: f64) {
+    println!(
+        "{{\"what\":\"augment_bench\",\"impl\":\"rust\",\"resample\":\"{resample:?}\",\"run\":\"{what}\",\"threads\":{threads},\"samples_per_s\":{per_s:.1}}}"
+    );
+}
+
+/// Views of one sample after another into reused buffers, as a worker computes them.
+fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> f64 {
+    let c = patch.channels();
+    let mut bufs: Vec<Vec<f32>> =
+        (0..aug.view_count()).map(|v| vec![0.0; c * aug.view_size(v).pow(2)]).collect();
+    let mut run = |id: u64| {
+        let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        aug.write_views(patch, id, &mut outs).expect("bands match");
+    };
+    (0..20).for_each(&mut run);
+    let (start, deadline) = (Instant::now(), Instant::now() + Duration::from_secs_f64(seconds));
+    let mut n = 0;
+    while Instant::now() < deadline {
+        run(1000 + n);
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Whole batches through the pool, fed as fast as it takes samples.
+fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) -> f64 {
+    let (tx, rx) = bounded(2 * BATCH);
+    let mut pool = AugmentPool::spawn(aug.clone(), rx, BATCH, workers, 4).expect("threads start");
+    let p = patch.clone();
+    let feeder = std::thread::spawn(move || {
+        for id in 0.. {
+            if tx.send(Sample { id, patch: p.clone() }).is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..2 {
+        pool.recv().expect("batch").expect("bands match");
+    }
+    let (start, deadline) = (Instant::now(), Instant::now() + Duration::from_secs_f64(seconds));
+    let mut n = 0;
+    while Instant::now() < deadline {
+        let batch = pool.recv().expect("batch").expect("bands match");
+        n += batch.sample_ids.len();
+    }
+    let per_s = n as f64 / start.elapsed().as_secs_f64();
+    drop(pool);
+    feeder.join().expect("feeder stops when the pool is gone");
+    per_s
+}
+
+fn real_patch() -> Patch {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ben_patch.u16");
+    let bytes = std::fs::read(&path).expect("tests/fixtures/ben_patch.u16 exists");
+    let data = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as f32 / 10000.0).collect();
+    Patch {
+        data,
+        bands: SEED_BANDS.iter().map(|b| b.to_string()).collect(),
+        height: 120,
+        width: 120,
+        source: path,
+        window: Window { x: 0, y: 0, width: 120, height: 120 },
+        nodata_fraction: 0.0,
+    }
+}

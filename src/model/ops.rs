@@ -1,0 +1,240 @@
+//! Training-safe building blocks: every op here has a backward pass in candle.
+//!
+//! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` kernels drop gradients, so the
+//! training path builds them from primitive tensor ops. Also here: the linear layer (2-D matmul
+//! over flattened leading dims, so its backward never materialises a broadcast weight), stochastic
+//! depth, and the bicubic matrix that resizes the positional embedding exactly like PyTorch.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+
+/// DINO's `trunc_normal_(std=.02)` for Linear weights, cls token and positional embedding.
+pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+/// `nn.Linear(in, out)` with DINO's init (weight trunc-normal .02, bias 0). Names `weight`, `bias`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A linear layer under `vb` (`vb.pp("fc1")` gives `fc1.weight`, `fc1.bias`).
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", TRUNC_NORMAL_02)?;
+        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim;
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("a linear input has at least one dim") = self.weight.dim(0)?;
+        ys.reshape(out_dims)
+    }
+}
+
+/// `nn.LayerNorm(dim, eps)` over the last dim, from primitive ops. Names `weight`, `bias`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A layer norm under `vb` with weight 1 and bias 0.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(LayerNorm { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dim. The max is subtracted detached: the result (and its gradient) does
+/// not depend on the shift.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let exp = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dim: `x - max - log(sum(exp(x - max)))`.
+pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let shifted = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?.detach())?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// `F.normalize(x, dim=-1)`: `x / max(||x||_2, 1e-12)` row-wise.
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+    xs.broadcast_div(&norm)
+}
+
+/// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`), not candle's tanh `gelu`.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    xs.gelu_erf()
+}
+
+/// Stochastic depth (DINO `drop_path`): zero whole samples with probability `rate`, scale the
+/// others by `1 / (1 - rate)`. The mask is drawn on the host from `rng` (a few bytes), so runs
+/// are reproducible on every device.
+pub fn drop_path(xs: &Tensor, rate: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    if rate == 0.0 {
+        return Ok(xs.clone());
+    }
+    let keep = 1.0 - rate;
+    let batch = xs.dim(0)?;
+    let mask: Vec<f32> =
+        (0..batch).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let mut shape = vec![1; xs.rank()];
+    shape[0] = batch;
+    xs.broadcast_mul(&Tensor::from_vec(mask, shape, xs.device())?.to_dtype(xs.dtype())?)
+}
+
+/// One axis of PyTorch's `F.interpolate(mode="bicubic", align_corners=False, scale_factor=s)`
+/// as a `[dst, src]` matrix: output `d` reads `x = (d + 0.5) / s - 0.5`, taps
+/// `clamp(floor(x) - 1 + k, 0, src - 1)`, Keys cubic weights with A = -0.75.
+pub fn bicubic_axis(src: usize, dst: usize, scale: f64) -> Vec<f64> {
+    let mut m = vec![0.0; dst * src];
+    for d in 0..dst {
+        let x = (d as f64 + 0.5) / scale - 0.5;
+        let i0 = x.floor();
+        for (k, w) in cubic_weights(x - i0).into_iter().enumerate() {
+            let tap = (i0 as i64 - 1 + k as i64).clamp(0, src as i64 - 1) as usize;
+            m[d * src + tap] += w;
+        }
+    }
+    m
+}
+
+/// Keys cubic convolution weights for the 4 taps around fraction `t` (A = -0.75, as PyTorch).
+fn cubic_weights(t: f64) -> [f64; 4] {
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// The separable 2-D resize of a row-major `src x src` grid to `rows x cols` as one
+/// `[rows * cols, src * src]` matrix (the Kronecker product of the two axis matrices).
+pub fn bicubic_grid(src: usize, (rows, cols): (usize, usize), (scale_r, scale_c): (f64, f64)) -> Vec<f64> {
+    let (mr, mc) = (bicubic_axis(src, rows, scale_r), bicubic_axis(src, cols, scale_c));
+    let mut m = Vec::with_capacity(rows * cols * src * src);
+    for r in 0..rows {
+        for c in 0..cols {
+            for sr in 0..src {
+                m.extend((0..src).map(|sc| mr[r * src + sr] * mc[c * src + sc]));
+            }
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn grads_agree(f: impl Fn(&Tensor) -> Result<Tensor>, x: &[f32]) {
+        // Central differences in f64 against candle's backward in f32.
+        let var = Var::new(x, &Device::Cpu).unwrap();
+        let g = f(var.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = g.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+        for i in 0..x.len() {
+            let at = |h: f64| {
+                let mut y: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                y[i] += h;
+                let t = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
+                f(&t).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(1e-5) - at(-1e-5)) / 2e-5;
+            assert!(
+                (numeric - g[i] as f64).abs() < 1e-3,
+                "element {i}: numeric {numeric} vs backward {}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn primitive_softmax_equals_the_fused_kernel() {
+        let x = Tensor::new(&[[1.0f32, 2.0, -3.0, 0.5], [10.0, 10.0, 9.0, -20.0]], &Device::Cpu).unwrap();
+        let ours: Vec<Vec<f32>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        let fused: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        for (a, b) in ours.iter().flatten().zip(fused.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let log: Vec<Vec<f32>> = log_softmax_last_dim(&x).unwrap().exp().unwrap().to_vec2().unwrap();
+        for (a, b) in log.iter().flatten().zip(fused.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn softmax_layer_norm_and_normalize_have_correct_gradients() {
+        let x = [0.3f32, -1.2, 2.0, 0.7, -0.1, 1.5];
+        let w =
+            |t: &Tensor| Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, 1.5, -1.0], t.device())?.to_dtype(t.dtype());
+        grads_agree(|t| softmax_last_dim(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| log_softmax_last_dim(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| l2_normalize(&t.reshape((3, 2))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| gelu_erf(t)?.mul(&w(t)?), &x);
+        grads_agree(
+            |t| {
+                let vb = VarBuilder::zeros(t.dtype(), t.device());
+                let ln = LayerNorm::new(3, 1e-6, vb)?;
+                let ln = LayerNorm { weight: ln.weight.ones_like()?, ..ln };
+                ln.forward(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?)
+            },
+            &x,
+        );
+    }
+
+    #[test]
+    fn bicubic_rows_sum_to_one_and_upscale_identity_is_exact() {
+        // DINO's 15 -> 7 resize (scale 7.1 / 15).
+        let m = bicubic_axis(15, 7, 7.1 / 15.0);
+        for row in m.chunks(15) {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+        // Scale 1 samples the grid at integer points: the identity.
+        let id = bicubic_axis(4, 4, 1.0);
+        for (i, row) in id.chunks(4).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12, "{i},{j}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn drop_path_zeroes_whole_samples_and_rescales_the_rest() {
+        use rand::SeedableRng;
+        let x = Tensor::ones((64, 3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let y: Vec<Vec<Vec<f32>>> = drop_path(&x, 0.25, &mut rng).unwrap().to_vec3().unwrap();
+        let kept = y.iter().filter(|s| s.iter().flatten().all(|&v| (v - 1.0 / 0.75).abs() < 1e-6)).count();
+        let dropped = y.iter().filter(|s| s.iter().flatten().all(|&v| v == 0.0)).count();
+        assert_eq!(kept + dropped, 64);
+        assert!((8..=28).contains(&dropped), "{dropped} of 64 dropped at rate .25");
+    }
+}

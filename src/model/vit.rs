@@ -1,0 +1,265 @@
+//! The DINO Vision Transformer backbone (facebookresearch/dino `vision_transformer.py`;
+//! Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", arXiv:2104.14294).
+//!
+//! Patch embedding (a stride-`p` convolution, computed as one matmul over flattened patches), a cls
+//! token, a learned positional embedding resized bicubically for other crop sizes, pre-norm blocks
+//! (LayerNorm eps 1e-6, multi-head attention with qkv bias, MLP with exact GELU) and a final norm;
+//! the output is the cls token. Parameter names are DINO's: `patch_embed.proj.weight`, `cls_token`,
+//! `pos_embed`, `blocks.{i}.attn.qkv.weight`, ..., `norm.bias`.
+//!
+//! `forward_t(x, Some(rng))` is the training pass with stochastic depth drawn from `rng`;
+//! `forward_t(x, None)` (and [`Module::forward`]) is the deterministic pass. candle's `ModuleT`
+//! takes only a flag, which cannot carry the seeded RNG that makes resumed runs bit-identical.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use candle_core::{DType, IndexOp, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::Preset;
+use super::ops::{self, LayerNorm, Linear, TRUNC_NORMAL_02};
+
+/// `PatchEmbed`: Conv2d(in_chans, D, p, stride p), flattened row-major (y, then x).
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    /// `[D, C, p, p]`, the convolution layout (`patch_embed.proj.weight`).
+    weight: Tensor,
+    bias: Tensor,
+    patch: usize,
+}
+
+impl PatchEmbed {
+    fn new(cfg: &Preset, vb: VarBuilder) -> Result<PatchEmbed> {
+        let (d, c, p) = (cfg.embed_dim, cfg.in_chans, cfg.patch_size);
+        // PyTorch's default Conv2d init (DINO leaves it): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        let bound = 1.0 / ((c * p * p) as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((d, c, p, p), "weight", init)?;
+        let bias = vb.get_with_hints(d, "bias", init)?;
+        Ok(PatchEmbed { weight, bias, patch: p })
+    }
+}
+
+impl Module for PatchEmbed {
+    /// `[B, C, H, W]` -> `[B, (H/p)(W/p), D]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (h / p, w / p);
+        let xs = if gh * p != h || gw * p != w {
+            xs.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
+        } else {
+            xs.clone()
+        };
+        let patches = xs
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * gh * gw, c * p * p))?;
+        let d = self.weight.dim(0)?;
+        let kernel = self.weight.reshape((d, c * p * p))?;
+        patches.matmul(&kernel.t()?)?.broadcast_add(&self.bias)?.reshape((b, gh * gw, d))
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &Preset, vb: VarBuilder) -> Result<Attention> {
+        let d = cfg.embed_dim;
+        Ok(Attention {
+            qkv: Linear::new(d, 3 * d, cfg.qkv_bias, vb.pp("qkv"))?,
+            proj: Linear::new(d, d, true, vb.pp("proj"))?,
+            num_heads: cfg.num_heads,
+            scale: ((d / cfg.num_heads) as f64).powf(-0.5),
+        })
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let h = self.num_heads;
+        // qkv.reshape(B, N, 3, H, C/H).permute(2, 0, 3, 1, 4)
+        let qkv = self.qkv.forward(xs)?.reshape((b, n, 3, h, c / h))?.permute((2, 0, 3, 1, 4))?;
+        let q = qkv.i(0)?.contiguous()?;
+        let k = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let attn = (q.matmul(&k.t()?)? * self.scale)?;
+        let attn = ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// The block MLP: fc1 - exact GELU - fc2.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Mlp> {
+        Ok(Mlp {
+            fc1: Linear::new(dim, hidden, true, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, true, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&ops::gelu_erf(&self.fc1.forward(xs)?)?)
+    }
+}
+
+/// A pre-norm transformer block with stochastic depth on both residual branches.
+#[derive(Debug, Clone)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    drop_path: f64,
+}
+
+impl Block {
+    fn new(cfg: &Preset, drop_path: f64, vb: VarBuilder) -> Result<Block> {
+        Ok(Block {
+            norm1: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, vb.pp("norm1"))?,
+            attn: Attention::new(cfg, vb.pp("attn"))?,
+            norm2: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, vb.pp("norm2"))?,
+            mlp: Mlp::new(cfg.embed_dim, cfg.mlp_hidden(), vb.pp("mlp"))?,
+            drop_path,
+        })
+    }
+
+    /// `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`.
+    pub fn forward_t(&self, xs: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let residual = xs;
+        let branch = self.attn.forward(&self.norm1.forward(xs)?)?;
+        let xs = (residual + self.dropped(&branch, rng.as_deref_mut())?)?;
+        let branch = self.mlp.forward(&self.norm2.forward(&xs)?)?;
+        &xs + self.dropped(&branch, rng)?
+    }
+
+    fn dropped(&self, branch: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        match rng {
+            Some(rng) => ops::drop_path(branch, self.drop_path, rng),
+            None => Ok(branch.clone()),
+        }
+    }
+}
+
+/// The backbone; see the module doc.
+pub struct VisionTransformer {
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    patch: usize,
+    /// Bicubic resize matrices of the positional grid, per output grid (rows, cols).
+    resize: RwLock<HashMap<(usize, usize), Tensor>>,
+}
+
+impl VisionTransformer {
+    /// Build the backbone under `vb`; block `i` drops paths with rate `drop_path_rate * i / (depth - 1)`.
+    pub fn new(cfg: &Preset, drop_path_rate: f64, vb: VarBuilder) -> Result<VisionTransformer> {
+        let d = cfg.embed_dim;
+        let tokens = cfg.grid() * cfg.grid() + 1;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(cfg, linspace_at(drop_path_rate, cfg.depth, i), vb.pp("blocks").pp(i)))
+            .collect::<Result<_>>()?;
+        Ok(VisionTransformer {
+            patch_embed: PatchEmbed::new(cfg, vb.pp("patch_embed").pp("proj"))?,
+            cls_token: vb.get_with_hints((1, 1, d), "cls_token", TRUNC_NORMAL_02)?,
+            pos_embed: vb.get_with_hints((1, tokens, d), "pos_embed", TRUNC_NORMAL_02)?,
+            blocks,
+            norm: LayerNorm::new(d, cfg.layernorm_eps, vb.pp("norm"))?,
+            patch: cfg.patch_size,
+            resize: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Token width D.
+    pub fn embed_dim(&self) -> usize {
+        self.cls_token.dim(2).expect("cls_token is [1, 1, D]")
+    }
+
+    /// Patch embedding, cls token and positional embedding: `[B, C, H, W]` -> `[B, 1 + n, D]`.
+    pub fn prepare_tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = xs.dims4()?;
+        let patches = self.patch_embed.forward(xs)?;
+        let d = patches.dim(2)?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let tokens = Tensor::cat(&[&cls, &patches], 1)?;
+        tokens.broadcast_add(&self.interpolate_pos_encoding(h, w)?)
+    }
+
+    /// DINO `interpolate_pos_encoding` for an `h x w` pixel input: `[1, 1 + (h/p)(w/p), D]`.
+    /// The learned grid is used as is when the token count matches and `h == w`; otherwise it is
+    /// resized bicubically with scale factor `((h/p + 0.1) / N, (w/p + 0.1) / N)` through a fixed
+    /// matrix, so gradients reach `pos_embed`.
+    pub fn interpolate_pos_encoding(&self, h: usize, w: usize) -> Result<Tensor> {
+        let (gh, gw) = (h / self.patch, w / self.patch);
+        let n = self.pos_embed.dim(1)? - 1;
+        if gh * gw == n && h == w {
+            return Ok(self.pos_embed.clone());
+        }
+        let d = self.pos_embed.dim(2)?;
+        let grid = self.pos_embed.i((0, 1.., ..))?;
+        let resized = self.resize_matrix(n, gh, gw)?.matmul(&grid)?.unsqueeze(0)?;
+        Tensor::cat(&[&self.pos_embed.narrow(1, 0, 1)?, &resized], 1)?.reshape((1, gh * gw + 1, d))
+    }
+
+    fn resize_matrix(&self, n: usize, gh: usize, gw: usize) -> Result<Tensor> {
+        if let Some(m) = self.resize.read().expect("resize cache lock is never poisoned").get(&(gh, gw)) {
+            return Ok(m.clone());
+        }
+        let src = (n as f64).sqrt().round() as usize;
+        if src * src != n {
+            candle_core::bail!("pos_embed has {n} patch tokens, not a square grid");
+        }
+        let scale = |g: usize| (g as f64 + 0.1) / src as f64;
+        let m = ops::bicubic_grid(src, (gh, gw), (scale(gh), scale(gw)));
+        let m = Tensor::from_vec(m, (gh * gw, n), self.pos_embed.device())?.to_dtype(DType::F32)?;
+        self.resize.write().expect("resize cache lock is never poisoned").insert((gh, gw), m.clone());
+        Ok(m)
+    }
+
+    /// The normalised cls token `[B, D]`; `rng` switches on stochastic depth (training).
+    pub fn forward_t(&self, xs: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let mut tokens = self.prepare_tokens(xs)?;
+        for block in &self.blocks {
+            tokens = block.forward_t(&tokens, rng.as_deref_mut())?;
+        }
+        self.norm.forward(&tokens.i((.., 0, ..))?)
+    }
+
+    /// Block `i` (for tests and inspection).
+    pub fn block(&self, i: usize) -> &Block {
+        &self.blocks[i]
+    }
+}
+
+impl Module for VisionTransformer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, None)
+    }
+}
+
+/// `torch.linspace(0, rate, depth)[i]`.
+fn linspace_at(rate: f64, depth: usize, i: usize) -> f64 {
+    if depth <= 1 { 0.0 } else { rate * i as f64 / (depth - 1) as f64 }
+}
