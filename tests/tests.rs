@@ -9,3 +9,4 @@ mod cli;
 mod ingest;
 mod stream;
 mod dino;
+mod serve;

@@ -128,6 +128,8 @@ struct Service {
     status: Arc<Mutex<Status>>,
     last_report: Option<StepReport>,
     interval: (Instant, u64),
+    /// Tile counts of the last status report.
+    reported_counts: Option<stream::Counts>,
 }
 
 impl Service {
@@ -182,6 +184,7 @@ impl Service {
             status,
             last_report: None,
             interval: (Instant::now(), step),
+            reported_counts: None,
         };
         service.queue_pending()?;
         service.scan_folder()?;
@@ -271,6 +274,7 @@ impl Service {
                 self.checkpoint()?;
                 continue;
             }
+            self.report_if_counts_changed();
             self.wait_for_input();
         }
     }
@@ -314,20 +318,25 @@ impl Service {
     fn train_one(&mut self) -> Result<()> {
         let done = self.in_flight.pop_front().expect("run() checked that a batch is in flight");
         let batch = self.pool.recv().context("the augmentation threads stopped")?;
-        match batch {
+        let report = match batch {
             Ok(batch) => {
                 let settings = self.schedule.at(self.step());
-                let report = self.trainer.step_batch_with(&batch, &settings)?;
-                self.after_step(report);
+                Some(self.trainer.step_batch_with(&batch, &settings)?)
             }
-            Err(e) => log::warn!("a batch could not be augmented and is skipped: {e}"),
-        }
+            Err(e) => {
+                log::warn!("a batch could not be augmented and is skipped: {e}");
+                None
+            }
+        };
         let step = self.step();
         for tile in done.completed {
             if self.ledger.state(tile)? == &TileState::Pending {
                 self.ledger.mark_trained(tile, step)?;
                 self.to_dispose.push(tile);
             }
+        }
+        if let Some(report) = report {
+            self.after_step(report);
         }
         Ok(())
     }
@@ -471,6 +480,14 @@ impl Service {
         let _ = select.ready_timeout(IDLE_WAIT);
     }
 
+    /// While idle, rewrite the status when tiles were seen or rejected since the last report.
+    fn report_if_counts_changed(&mut self) {
+        let counts = self.ledger.counts();
+        if self.reported_counts != Some(counts) {
+            self.report();
+        }
+    }
+
     /// The periodic status line, status.json, STATUS= and the metrics endpoint.
     fn report(&mut self) {
         let status = self.current_status();
@@ -511,6 +528,7 @@ impl Service {
         let samples_per_sec = (step - first) as f64 * self.cfg.train.batch_size as f64 / secs;
         self.interval = (Instant::now(), step);
         let counts = self.ledger.counts();
+        self.reported_counts = Some(counts);
         let report = self.last_report;
         let collapse = report.and_then(|r| r.collapse);
         Status {
