@@ -784,11 +784,17 @@ mod tests {
     #[test]
     fn serve_section_defaults_match_the_docs() {
         let cfg = Config::from_toml("").unwrap().serve;
-        assert_eq!((cfg.state_dir.as_path(), cfg.exports_dir.as_path()), (Path::new("state"), Path::new("exports")));
+        assert_eq!(
+            (cfg.state_dir.as_path(), cfg.exports_dir.as_path()),
+            (Path::new("state"), Path::new("exports"))
+        );
         assert_eq!((cfg.warmup_steps, cfg.cooldown_steps, cfg.horizon_steps), (1000, 0, 100_000));
         assert_eq!((cfg.weight_decay_schedule, cfg.momentum_schedule), (Shape::Constant, Shape::Constant));
         assert_eq!((cfg.teacher_temp_warmup_steps, cfg.freeze_last_layer_steps), (1000, 1000));
-        assert_eq!((cfg.checkpoint_every_steps, cfg.checkpoint_every_secs, cfg.keep_checkpoints), (500, 600, 3));
+        assert_eq!(
+            (cfg.checkpoint_every_steps, cfg.checkpoint_every_secs, cfg.keep_checkpoints),
+            (500, 600, 3)
+        );
         assert_eq!((cfg.graceful_shutdown_limit_secs, cfg.status_every_steps), (30, 10));
         assert_eq!((cfg.metrics_port, cfg.max_steps), (None, None));
     }
@@ -799,9 +805,14 @@ mod tests {
             "[serve]\nmomentum_schedule = \"cosine\"\nweight_decay_schedule = \"cosine\"\nmetrics_port = 9100\nmax_steps = 7\n",
         )
         .unwrap();
-        assert_eq!((cfg.serve.momentum_schedule, cfg.serve.weight_decay_schedule), (Shape::Cosine, Shape::Cosine));
+        assert_eq!(
+            (cfg.serve.momentum_schedule, cfg.serve.weight_decay_schedule),
+            (Shape::Cosine, Shape::Cosine)
+        );
         assert_eq!((cfg.serve.metrics_port, cfg.serve.max_steps), (Some(9100), Some(7)));
-        assert!(Config::from_toml("[serve]\nmomentum_schedule = \"linear\"\n").unwrap_err().contains("linear"));
+        assert!(
+            Config::from_toml("[serve]\nmomentum_schedule = \"linear\"\n").unwrap_err().contains("linear")
+        );
     }
 
     #[test]
@@ -823,5 +834,23 @@ mod tests {
             ]
         );
         assert_eq!(errors_of("[serve]\nmax_steps = 0\n")[0].key, "serve.max_steps");
+    }
+
+    #[test]
+    fn deploy_config_parses_and_documents_every_key() {
+        let text = include_str!("../deploy/config.toml");
+        let cfg = Config::from_toml(text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.stream.watch_dir, Path::new("/srv/dinostream/incoming"));
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        for (section, keys) in &defaults {
+            assert!(text.contains(&format!("[{section}]")), "deploy/config.toml lacks [{section}]");
+            for key in keys.as_table().unwrap().keys() {
+                assert!(text.contains(&format!("\n{key} = ")), "deploy/config.toml lacks {section}.{key}");
+            }
+        }
+        for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = "] {
+            assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
+        }
     }
 }

@@ -20,11 +20,11 @@
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
 pub mod augment;
-pub mod service;
 pub mod cli;
 pub mod config;
 pub mod dino;
 pub mod fsio;
-pub mod stream;
 pub mod model;
+pub mod service;
+pub mod stream;
 pub mod tile;

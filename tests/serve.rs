@@ -147,7 +147,8 @@ impl Drop for Service {
 fn tile_bytes(seed: u64) -> Vec<u8> {
     let spec = TiffSpec { width: 32, height: 32, bands: 10, rows_per_strip: 32, ..TiffSpec::default() };
     tiff_bytes(&spec, |b, y, x| {
-        let h = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((b * 1024 + y * 32 + x) as u64)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let h = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((b * 1024 + y * 32 + x) as u64))
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
         200.0 + (h >> 52) as f64
     })
 }
@@ -232,7 +233,9 @@ fn files_dropped_while_running_are_trained_and_bad_ones_rejected_with_reasons() 
     fs::write(incoming.join("notes.txt"), b"hello").unwrap();
     let tiff = tile_bytes(300);
     fs::write(incoming.join("broken.tif"), &tiff[..tiff.len() / 3]).unwrap();
-    s.wait_until("7 trained and 3 rejected", 60, |s| s.stat("tiles_trained") >= 7 && s.stat("tiles_rejected") == 3);
+    s.wait_until("7 trained and 3 rejected", 60, |s| {
+        s.stat("tiles_trained") >= 7 && s.stat("tiles_rejected") == 3
+    });
     for bad in ["garbage.tif", "notes.txt", "broken.tif"] {
         let reason = fs::read_to_string(s.path("incoming/rejected").join(format!("{bad}.reason.txt")))
             .unwrap_or_else(|e| panic!("{bad}: no reason file: {e}\n{}", s.log()));

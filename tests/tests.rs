@@ -6,7 +6,7 @@ mod util;
 
 mod augment;
 mod cli;
-mod ingest;
-mod stream;
 mod dino;
+mod ingest;
 mod serve;
+mod stream;

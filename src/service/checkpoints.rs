@@ -67,10 +67,12 @@ pub fn save(state_dir: &Path, trainer: &Trainer, state: &ServeState, keep: usize
     let partial = root.join(format!("{PARTIAL_PREFIX}{name}"));
     let done = root.join(&name);
     remove_dir(&partial)?;
-    checkpoint::save(&partial, trainer).with_context(|| format!("{}: writing the trainer", partial.display()))?;
+    checkpoint::save(&partial, trainer)
+        .with_context(|| format!("{}: writing the trainer", partial.display()))?;
     let bytes = postcard::to_stdvec(state).expect("the service state is plain data");
     let serve_file = partial.join(SERVE_FILE);
-    fsio::write_atomic(&serve_file, &bytes).with_context(|| format!("{}: cannot write", serve_file.display()))?;
+    fsio::write_atomic(&serve_file, &bytes)
+        .with_context(|| format!("{}: cannot write", serve_file.display()))?;
     remove_dir(&done)?;
     fsio::rename_durable(&partial, &done)
         .with_context(|| format!("{}: cannot rename into {}", partial.display(), done.display()))?;
@@ -94,13 +96,18 @@ fn load(dir: &Path, device: &Device) -> Result<Resumed> {
     let trainer = checkpoint::load(dir, device)?;
     let path = dir.join(SERVE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let state: ServeState =
-        postcard::from_bytes(&bytes).with_context(|| format!("{}: not a dinostream service state", path.display()))?;
+    let state: ServeState = postcard::from_bytes(&bytes)
+        .with_context(|| format!("{}: not a dinostream service state", path.display()))?;
     if state.format != FORMAT {
         anyhow::bail!("{}: format {} (this build reads {FORMAT})", path.display(), state.format);
     }
     if state.step != trainer.state().step {
-        anyhow::bail!("{}: step {} but the trainer is at step {}", path.display(), state.step, trainer.state().step);
+        anyhow::bail!(
+            "{}: step {} but the trainer is at step {}",
+            path.display(),
+            state.step,
+            trainer.state().step
+        );
     }
     Ok(Resumed { trainer, state, dir: dir.to_path_buf() })
 }

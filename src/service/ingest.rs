@@ -50,8 +50,9 @@ impl IngestWorker {
         let (job_tx, job_rx) = bounded::<Job>(JOB_CAPACITY);
         let (out_tx, out_rx) = bounded::<Ingested>(PATCH_CAPACITY);
         let cfg = cfg.clone();
-        let thread =
-            std::thread::Builder::new().name("dinostream-ingest".into()).spawn(move || work(&cfg, job_rx, out_tx))?;
+        let thread = std::thread::Builder::new()
+            .name("dinostream-ingest".into())
+            .spawn(move || work(&cfg, job_rx, out_tx))?;
         Ok(IngestWorker { jobs: Some(job_tx), out: Some(out_rx), thread: Some(thread) })
     }
 

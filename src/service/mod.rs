@@ -44,9 +44,7 @@ use crate::augment::{AugmentPool, Augmenter, Sample};
 use crate::config::Config;
 use crate::dino::schedule::ScheduleSpan;
 use crate::dino::{StepReport, Trainer, TrainerSetup};
-use crate::stream::{
-    self, Candidate, Identity, Ledger, Mixer, Observation, TileId, TileState, Watcher,
-};
+use crate::stream::{self, Candidate, Identity, Ledger, Mixer, Observation, TileId, TileState, Watcher};
 use crate::tile::Patch;
 use checkpoints::ServeState;
 use ingest::{IngestWorker, Ingested, Job};
@@ -135,8 +133,9 @@ struct Service {
 impl Service {
     fn start(cfg: &Config, stop: StopFlag) -> Result<Service> {
         let state_dir = &cfg.serve.state_dir;
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("{}: cannot create the state folder (serve.state_dir)", state_dir.display()))?;
+        std::fs::create_dir_all(state_dir).with_context(|| {
+            format!("{}: cannot create the state folder (serve.state_dir)", state_dir.display())
+        })?;
         let mut ledger = Ledger::open(state_dir, cfg.stream.ledger_compact_records)?;
         let device = crate::model::device(cfg.train.device)?;
         let (trainer, mixer, next_sample_id, step) = resume_or_begin(cfg, &device)?;
@@ -216,8 +215,9 @@ impl Service {
         let settle = Duration::from_millis(self.cfg.stream.settle_ms);
         let mut found = Vec::new();
         let root = self.cfg.stream.watch_dir.clone();
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("{}: cannot create the watched folder (stream.watch_dir)", root.display()))?;
+        std::fs::create_dir_all(&root).with_context(|| {
+            format!("{}: cannot create the watched folder (stream.watch_dir)", root.display())
+        })?;
         scan(&root, self.cfg.stream.recursive, settle, &mut found);
         found.sort();
         for path in found {
@@ -243,7 +243,9 @@ impl Service {
             }
         };
         match self.ledger.observe(&identity)? {
-            Observation::New(id) | Observation::Known { id, state: TileState::Pending } => self.schedule_tile(id),
+            Observation::New(id) | Observation::Known { id, state: TileState::Pending } => {
+                self.schedule_tile(id)
+            }
             Observation::Known { id, state } => {
                 log::debug!("{}: already known as tile {} ({state:?})", path.display(), id.0)
             }
@@ -366,8 +368,15 @@ impl Service {
     fn checkpoint(&mut self) -> Result<()> {
         self.ledger.sync()?;
         let state = ServeState::new(self.step(), self.next_sample_id, self.mixer.state());
-        let dir = checkpoints::save(&self.cfg.serve.state_dir, &self.trainer, &state, self.cfg.serve.keep_checkpoints)?;
+        let dir = checkpoints::save(
+            &self.cfg.serve.state_dir,
+            &self.trainer,
+            &state,
+            self.cfg.serve.keep_checkpoints,
+        )?;
         log::info!("checkpoint {}", dir.display());
+        // EXPORT HOOK (ONNX export issue): publishing the teacher of `dir` to
+        // `serve.exports_dir` belongs here, after a complete checkpoint and before disposal.
         self.last_checkpoint = Some((self.step(), Instant::now()));
         for tile in std::mem::take(&mut self.to_dispose) {
             self.dispose_trained(tile);
@@ -546,7 +555,8 @@ impl Service {
             tiles_pending: counts.pending,
             teacher_entropy_ratio: collapse.map(|c| c.teacher_entropy_ratio as f64),
             kl_teacher_student: collapse.map(|c| c.kl_teacher_student as f64),
-            teacher_embedding_std_ratio: collapse.map(|c| (c.teacher_cls_std / c.uniform_cls_std.max(1e-12)) as f64),
+            teacher_embedding_std_ratio: collapse
+                .map(|c| (c.teacher_cls_std / c.uniform_cls_std.max(1e-12)) as f64),
             updated_unix_secs: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

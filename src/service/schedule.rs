@@ -37,7 +37,13 @@ impl ContinualSchedule {
         StepSettings {
             epoch: 0,
             lr: self.lr(step),
-            weight_decay: shaped(s.weight_decay_schedule, t.weight_decay, t.weight_decay_end, step, s.horizon_steps),
+            weight_decay: shaped(
+                s.weight_decay_schedule,
+                t.weight_decay,
+                t.weight_decay_end,
+                step,
+                s.horizon_steps,
+            ),
             momentum: shaped(s.momentum_schedule, t.momentum_teacher, 1.0, step, s.horizon_steps),
             teacher_temp: linear(t.warmup_teacher_temp, t.teacher_temp, step, s.teacher_temp_warmup_steps),
             clip_grad: t.clip_grad,
@@ -82,9 +88,16 @@ mod tests {
     use super::*;
 
     fn schedule(edit: impl FnOnce(&mut ServeConfig)) -> ContinualSchedule {
-        let mut serve = ServeConfig { warmup_steps: 10, teacher_temp_warmup_steps: 4, ..ServeConfig::default() };
+        let mut serve =
+            ServeConfig { warmup_steps: 10, teacher_temp_warmup_steps: 4, ..ServeConfig::default() };
         edit(&mut serve);
-        let train = TrainConfig { batch_size: 256, lr: 1e-3, warmup_teacher_temp: 0.04, teacher_temp: 0.07, ..TrainConfig::default() };
+        let train = TrainConfig {
+            batch_size: 256,
+            lr: 1e-3,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.07,
+            ..TrainConfig::default()
+        };
         ContinualSchedule::new(&serve, &train)
     }
 
