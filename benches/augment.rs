@@ -3,6 +3,10 @@
 //! and through the worker pool. Not a test: run it with `benches/run_augment.sh`, which puts the
 //! Python baselines beside it.
 //!
+//! Each run reports samples per wall-clock second and per CPU second (from `/proc`: the thread's
+//! time for the single-thread run, the process's for the pool runs, 10 ms ticks). On a shared
+//! machine the wall-clock rate measures the load; the CPU rate still measures our code.
+//!
 //! ```sh
 //! cargo bench --bench augment -- [SECONDS]
 //! ```
@@ -37,22 +41,76 @@ fn main() {
             let pooln = pool(&aug, &patch, cores, seconds);
             report(resample, &format!("pool, {cores} workers"), cores, pooln);
             println!(
-                "  scaling {resample:?}: {cores} workers = {:.2} x 1 worker (target >= {:.1})",
-                pooln / pool1,
-                0.8 * cores as f64
+                "  scaling {resample:?}: {cores} workers = {:.2} x 1 worker on the wall clock (target >= {:.1}); \
+                 CPU efficiency {:.2} of 1 worker",
+                pooln.wall / pool1.wall,
+                0.8 * cores as f64,
+                pooln.cpu / pool1.cpu
             );
         }
     }
+    ablation(&patch, seconds / 2.0);
 }
 
-fn report(resample: Resample, what: &str, threads: usize, per_s: f64) {
+/// Where the time goes, by switching ops off (exact mode, one thread): the difference to the
+/// default run is the cost of what was switched off.
+fn ablation(patch: &Patch, seconds: f64) {
+    let default = AugmentConfig::default();
+    let no_blur =
+        AugmentConfig { global1_blur_p: 0.0, global2_blur_p: 0.0, local_blur_p: 0.0, ..default.clone() };
+    let no_ssr = AugmentConfig { ssr_p: 0.0, ..default.clone() };
+    let crop_only = AugmentConfig { ssr_p: 0.0, solarize_p: 0.0, flip_p: 0.0, ..no_blur.clone() };
+    let runs = [
+        ("default", &default),
+        ("no blur", &no_blur),
+        ("no SSR", &no_ssr),
+        ("crop+resize+normalize", &crop_only),
+    ];
+    for (name, cfg) in runs {
+        let aug = Augmenter::new(cfg, &patch.bands).expect("seed bands have statistics");
+        let rate = single_thread(&aug, patch, seconds);
+        println!(
+            "  ablation, 1 thread, {name}: {:.0} samples/CPU-s = {:.3} CPU-ms/sample",
+            rate.cpu,
+            1000.0 / rate.cpu
+        );
+    }
+}
+
+/// Samples per wall-clock second and per CPU second of one run.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    wall: f64,
+    cpu: f64,
+}
+
+fn report(resample: Resample, what: &str, threads: usize, rate: Rate) {
     println!(
-        "{{\"what\":\"augment_bench\",\"impl\":\"rust\",\"resample\":\"{resample:?}\",\"run\":\"{what}\",\"threads\":{threads},\"samples_per_s\":{per_s:.1}}}"
+        "{{\"what\":\"augment_bench\",\"impl\":\"rust\",\"resample\":\"{resample:?}\",\"run\":\"{what}\",\
+         \"threads\":{threads},\"samples_per_s\":{:.1},\"samples_per_cpu_s\":{:.1}}}",
+        rate.wall, rate.cpu
     );
 }
 
+/// CPU seconds (user + system) from a `/proc/.../stat` file (10 ms ticks).
+fn cpu_seconds(stat: &str) -> f64 {
+    let text = std::fs::read_to_string(stat).expect("Linux /proc");
+    // After the ")" that closes the command name, utime and stime are the 12th and 13th fields.
+    let fields: Vec<&str> = text.rsplit_once(')').expect("stat format").1.split_whitespace().collect();
+    let ticks = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// Time `body` (which returns the samples it made) on the wall clock and on `stat`'s CPU clock.
+fn measure(stat: &str, body: impl FnOnce() -> u64) -> Rate {
+    let (start, cpu0) = (Instant::now(), cpu_seconds(stat));
+    let n = body() as f64;
+    let (wall, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds(stat) - cpu0);
+    Rate { wall: n / wall, cpu: n / cpu.max(0.01) }
+}
+
 /// Views of one sample after another into reused buffers, as a worker computes them.
-fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> f64 {
+fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> Rate {
     let c = patch.channels();
     let mut bufs: Vec<Vec<f32>> =
         (0..aug.view_count()).map(|v| vec![0.0; c * aug.view_size(v).pow(2)]).collect();
@@ -61,17 +119,19 @@ fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> f64 {
         aug.write_views(patch, id, &mut outs).expect("bands match");
     };
     (0..20).for_each(&mut run);
-    let (start, deadline) = (Instant::now(), Instant::now() + Duration::from_secs_f64(seconds));
-    let mut n = 0;
-    while Instant::now() < deadline {
-        run(1000 + n);
-        n += 1;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+    measure("/proc/thread-self/stat", || {
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let mut n = 0;
+        while Instant::now() < deadline {
+            run(1000 + n);
+            n += 1;
+        }
+        n
+    })
 }
 
 /// Whole batches through the pool, fed as fast as it takes samples.
-fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) -> f64 {
+fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) -> Rate {
     let (tx, rx) = bounded(2 * BATCH);
     let mut pool = AugmentPool::spawn(aug.clone(), rx, BATCH, workers, 4).expect("threads start");
     let p = patch.clone();
@@ -85,16 +145,17 @@ fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) 
     for _ in 0..2 {
         pool.recv().expect("batch").expect("bands match");
     }
-    let (start, deadline) = (Instant::now(), Instant::now() + Duration::from_secs_f64(seconds));
-    let mut n = 0;
-    while Instant::now() < deadline {
-        let batch = pool.recv().expect("batch").expect("bands match");
-        n += batch.sample_ids.len();
-    }
-    let per_s = n as f64 / start.elapsed().as_secs_f64();
+    let rate = measure("/proc/self/stat", || {
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let mut n = 0;
+        while Instant::now() < deadline {
+            n += pool.recv().expect("batch").expect("bands match").sample_ids.len() as u64;
+        }
+        n
+    });
     drop(pool);
     feeder.join().expect("feeder stops when the pool is gone");
-    per_s
+    rate
 }
 
 fn real_patch() -> Patch {

@@ -7,7 +7,7 @@
 //! somewhere by chance about a third of the time, so the tests fail at |z| > 3 (a chance failure
 //! below 3 %), and BENCHMARKS.md lists the full-run z values.
 //!
-//! The quick tests draw 200 samples (a few seconds in the test profile); the full comparison with
+//! The quick tests draw 150 samples (a few seconds in the test profile); the full comparison with
 //! 1500 draws, as many as the reference, runs with
 //! `cargo test --release --test integration augment:: -- --ignored --nocapture`.
 
@@ -20,7 +20,7 @@ use dinostream::tile::{Patch, Window};
 /// The largest |z| a statistic may have (see the module doc).
 const MAX_Z: f64 = 3.0;
 /// Draws per patch in the quick tests (each gives 1 global 1, 1 global 2 and 6 local views).
-const QUICK_DRAWS: u64 = 200;
+const QUICK_DRAWS: u64 = 150;
 /// Draws per patch in the full comparison, as many as the reference made.
 const FULL_DRAWS: u64 = 1500;
 

@@ -16,6 +16,7 @@ use candle_core::{Device, IndexOp, Module, Tensor};
 use dinostream::config::{ModelConfig, TrainConfig};
 use dinostream::dino::loss::DinoLoss;
 use dinostream::dino::schedule::{ScheduleSpan, StepSettings, cosine_scheduler, teacher_temp_schedule};
+use dinostream::dino::step::Gradients;
 use dinostream::dino::{Trainer, TrainerSetup};
 use dinostream::model::config::{HeadConfig, Preset};
 use dinostream::model::head::DinoHead;
@@ -234,13 +235,7 @@ const TINY_GRAD: f64 = 1e-6;
 
 /// Mark the elements of each trainable tensor whose gradient in this step is below
 /// [`TINY_GRAD`] (marks accumulate over steps: a noisy first update stays in the moments).
-fn mark_tiny(
-    trainer: &mut Trainer,
-    crops: &[Tensor],
-    settings: &StepSettings,
-    tiny: &mut HashMap<String, Vec<bool>>,
-) {
-    let g = trainer.gradients(crops, settings).unwrap();
+fn mark_tiny(trainer: &Trainer, g: &Gradients, tiny: &mut HashMap<String, Vec<bool>>) {
     for name in trainer.trainable() {
         let grad = g.grads.get(trainer.student_params().get(&name).unwrap()).unwrap();
         let marks = tiny.entry(name).or_insert_with(|| vec![false; grad.elem_count()]);
@@ -262,7 +257,24 @@ fn two_training_steps_match_the_reference_in_every_tensor() {
         let want = golden(meta["file"].as_str().unwrap());
         let settings = golden_settings(meta);
         lr_sum += settings.lr;
-        mark_tiny(&mut trainer, &crops, &settings, &mut tiny_marks);
+        let g = trainer.gradients(&crops, &settings).unwrap();
+        // MultiCropWrapper rows are crop-major: these compare row for row.
+        let step = format!("step{}", i + 1);
+        assert_close(
+            &format!("{step}.student_output"),
+            &g.student.logits,
+            &want["student_output"],
+            FWD_ATOL,
+            FWD_RTOL,
+        );
+        assert_close(
+            &format!("{step}.teacher_output"),
+            &g.teacher.logits,
+            &want["teacher_output"],
+            FWD_ATOL,
+            FWD_RTOL,
+        );
+        mark_tiny(&trainer, &g, &mut tiny_marks);
         let report = trainer.step_with(&crops, &settings).unwrap();
         let loss = Tensor::new(&[report.loss], &Device::Cpu).unwrap();
         assert_close(&format!("step{}.loss", i + 1), &loss, &want["loss"], FWD_ATOL, FWD_RTOL);

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select};
 
 use super::augmenter::{AugmentError, Augmenter};
 use super::{Batch, CropBatch};
+use crate::config::AugmentConfig;
 use crate::tile::Patch;
 
 /// One input of the pool: a patch and the global sample index that seeds its views.
@@ -78,6 +79,20 @@ impl AugmentPool {
             pool.threads.push(worker);
         }
         Ok(pool)
+    }
+
+    /// [`spawn`](Self::spawn) with `augment.workers` (0 = one per core) and `augment.queue_batches`.
+    pub fn from_config(
+        cfg: &AugmentConfig,
+        augmenter: Arc<Augmenter>,
+        samples: Receiver<Sample>,
+        batch_size: usize,
+    ) -> std::io::Result<AugmentPool> {
+        let workers = match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        AugmentPool::spawn(augmenter, samples, batch_size, workers, cfg.queue_batches)
     }
 
     /// The next batch in sample order; `None` once the sample channel is closed and every full
@@ -176,7 +191,6 @@ mod tests {
 
     use super::*;
     use crate::augment::augmenter::tests::patch;
-    use crate::config::AugmentConfig;
 
     const RGB: [&str; 3] = ["B02", "B03", "B04"];
 
@@ -250,7 +264,7 @@ mod tests {
     #[test]
     fn a_pool_whose_input_stays_open_shuts_down_on_drop() {
         let (_tx, rx) = bounded::<Sample>(1);
-        let pool = AugmentPool::spawn(augmenter(), rx, 2, 2, 1).unwrap();
+        let pool = AugmentPool::from_config(&AugmentConfig::default(), augmenter(), rx, 2).unwrap();
         let start = Instant::now();
         drop(pool);
         assert!(start.elapsed() < Duration::from_secs(5));

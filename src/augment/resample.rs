@@ -17,7 +17,7 @@
 //! `tests/augment.rs` and BENCHMARKS.md). That is why `Exact` is the default.
 
 use super::augmenter::Resample;
-use super::ops::{Affine, invert_affine, reflect_101, resize_coordinate, ssr_matrix};
+use super::ops::{Affine, fast_floor, invert_affine, reflect_101, resize_coordinate, ssr_matrix};
 use super::params::ViewParams;
 use crate::tile::Patch;
 
@@ -35,7 +35,7 @@ fn mirror_x(m: &Affine, width: usize) -> Affine {
 
 /// The bilinear taps of input point `(x, y)` on a `width x height` plane, reflect-101 outside.
 fn tap(x: f64, y: f64, width: usize, height: usize) -> Tap {
-    let (xf, yf) = (x.floor(), y.floor());
+    let (xf, yf) = (fast_floor(x), fast_floor(y));
     let (tx, ty) = ((x - xf) as f32, (y - yf) as f32);
     let (x0, y0) = (xf as isize, yf as isize);
     let inside = x0 >= 0 && y0 >= 0 && x0 + 1 < width as isize && y0 + 1 < height as isize;
@@ -117,18 +117,21 @@ fn sample_grid(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: &[f64
     if affine[1] == 0.0 && affine[3] == 0.0 {
         return sample_separable(src, input, affine, xs, ys, out);
     }
+    // Rotated maps: each pixel's taps are computed once and used for every channel in turn.
     let plane_in = input.height * input.width;
     let plane_out = xs.len() * ys.len();
-    let mut taps = vec![Tap::default(); xs.len()];
+    let offsets: Vec<usize> = input.planes.iter().map(|&c| c * plane_in).collect();
     let a = affine;
     for (v, &y) in ys.iter().enumerate() {
-        for (t, &x) in taps.iter_mut().zip(xs) {
-            *t = tap(a[0] * x + a[1] * y + a[2], a[3] * x + a[4] * y + a[5], input.width, input.height);
-        }
-        for (k, &c) in input.planes.iter().enumerate() {
-            let plane = &src[c * plane_in..(c + 1) * plane_in];
-            let start = k * plane_out + v * xs.len();
-            gather_row(plane, &taps, &mut out[start..start + xs.len()]);
+        for (u, &x) in xs.iter().enumerate() {
+            let t = tap(a[0] * x + a[1] * y + a[2], a[3] * x + a[4] * y + a[5], input.width, input.height);
+            let [i0, i1, i2, i3] = t.index.map(|i| i as usize);
+            let [w0, w1, w2, w3] = t.weight;
+            let at = v * xs.len() + u;
+            for (k, &off) in offsets.iter().enumerate() {
+                let plane = &src[off..off + plane_in];
+                out[k * plane_out + at] = plane[i0] * w0 + plane[i1] * w1 + plane[i2] * w2 + plane[i3] * w3;
+            }
         }
     }
 }
@@ -147,7 +150,7 @@ fn axis_taps(coords: &[f64], scale: f64, offset: f64, n: usize) -> Vec<AxisTap> 
         .iter()
         .map(|&c| {
             let x = scale * c + offset;
-            let f = x.floor();
+            let f = fast_floor(x);
             let i = f as isize;
             AxisTap { lo: reflect_101(i, n), hi: reflect_101(i + 1, n), t: (x - f) as f32 }
         })
@@ -176,16 +179,5 @@ fn sample_separable(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: 
             let (a, b) = (blended[x.lo - first], blended[x.hi - first]);
             *o = a + (b - a) * x.t;
         }
-    }
-}
-
-/// One output row of one channel from its taps.
-fn gather_row(plane: &[f32], taps: &[Tap], row: &mut [f32]) {
-    for (o, t) in row.iter_mut().zip(taps) {
-        let [i0, i1, i2, i3] = t.index.map(|i| i as usize);
-        *o = plane[i0] * t.weight[0]
-            + plane[i1] * t.weight[1]
-            + plane[i2] * t.weight[2]
-            + plane[i3] * t.weight[3];
     }
 }

@@ -116,6 +116,16 @@ pub fn save(dir: &Path, trainer: &Trainer) -> Result<(), CheckpointError> {
 
 /// Rebuild the trainer saved in `dir` on `device`, ready to take the next step.
 pub fn load(dir: &Path, device: &Device) -> Result<Trainer, CheckpointError> {
+    load_with(dir, device, |_| {})
+}
+
+/// [`load`], letting `adjust` change the stored settings first (a resumed run with a new
+/// `--steps` span, say). Changes that alter tensor shapes fail with the tensor's name.
+pub fn load_with(
+    dir: &Path,
+    device: &Device,
+    adjust: impl FnOnce(&mut TrainerSetup),
+) -> Result<Trainer, CheckpointError> {
     let state_path = dir.join(STATE_FILE);
     let text = read(&state_path)?;
     let file: StateFile = serde_json::from_slice(&text)
@@ -124,7 +134,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Trainer, CheckpointError> {
         let message = format!("format {} (this build reads {FORMAT})", file.format);
         return Err(CheckpointError::Format { path: state_path, message });
     }
-    let mut trainer = Trainer::new(file.setup, device)
+    let mut setup = file.setup;
+    adjust(&mut setup);
+    let mut trainer = Trainer::new(setup, device)
         .map_err(|e| CheckpointError::Model { path: state_path.clone(), message: format!("{e:#}") })?;
 
     let model_path = dir.join(MODEL_FILE);
@@ -314,6 +326,15 @@ mod tests {
         std::fs::copy(new.path().join(STATE_FILE), old.path().join(STATE_FILE)).unwrap();
         let err = load(old.path(), &Device::Cpu).err().expect("mixed files must not load");
         assert!(matches!(err, CheckpointError::Inconsistent { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_resumed_run_can_take_a_new_schedule_span() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &micro_trainer()).unwrap();
+        let span = crate::dino::schedule::ScheduleSpan { epochs: 7, niter_per_ep: 3 };
+        let resumed = load_with(dir.path(), &Device::Cpu, |s| s.span = span).unwrap();
+        assert_eq!(resumed.schedules().span(), span);
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct Schedules {
 impl Schedules {
     /// DINO's schedules for `cfg` over `span` (peak lr = `lr * batch_size / 256`).
     pub fn new(cfg: &TrainConfig, span: ScheduleSpan) -> Schedules {
+        // An empty span would leave nothing to index: every run has at least one step.
+        let span = ScheduleSpan { epochs: span.epochs.max(1), niter_per_ep: span.niter_per_ep.max(1) };
         let ScheduleSpan { epochs, niter_per_ep } = span;
         let peak_lr = cfg.lr * cfg.batch_size as f64 / 256.0;
         let warmup = if cfg.warmup_epochs < epochs { cfg.warmup_epochs } else { epochs / 10 };
