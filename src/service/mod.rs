@@ -125,6 +125,8 @@ struct Service {
     last_checkpoint: Option<(u64, Instant)>,
     status: Arc<Mutex<Status>>,
     last_report: Option<StepReport>,
+    /// Collapse indicators of the last step that computed them (every `train.log_every_steps`).
+    last_collapse: Option<crate::dino::monitor::Collapse>,
     interval: (Instant, u64),
     /// Tile counts of the last status report.
     reported_counts: Option<stream::Counts>,
@@ -182,6 +184,7 @@ impl Service {
             last_checkpoint: (step > 0).then(|| (step, Instant::now())),
             status,
             last_report: None,
+            last_collapse: None,
             interval: (Instant::now(), step),
             reported_counts: None,
         };
@@ -299,10 +302,11 @@ impl Service {
             && self.ingest_settled()
     }
 
-    /// The fresh queue holds a whole batch, or nothing more is coming right now.
+    /// The fresh queue holds a whole batch or is full, or nothing more is coming right now.
     fn ingest_settled(&self) -> bool {
         self.mixer.fresh_len() >= self.cfg.train.batch_size
-            || (self.ingesting == 0 && self.to_ingest.is_empty() && self.stalled.is_none())
+            || self.stalled.is_some()
+            || (self.ingesting == 0 && self.to_ingest.is_empty())
     }
 
     /// Mix one batch and send its samples to the pool; false when the mixer has no batch yet.
@@ -344,6 +348,9 @@ impl Service {
     }
 
     fn after_step(&mut self, report: StepReport) {
+        if report.collapse.is_some() {
+            self.last_collapse = report.collapse;
+        }
         if report.step == 1 || report.step % self.cfg.serve.status_every_steps == 0 {
             self.last_report = Some(report);
             self.report();
@@ -539,7 +546,7 @@ impl Service {
         let counts = self.ledger.counts();
         self.reported_counts = Some(counts);
         let report = self.last_report;
-        let collapse = report.and_then(|r| r.collapse);
+        let collapse = self.last_collapse;
         Status {
             step,
             loss: report.map_or(0.0, |r| r.loss as f64),
