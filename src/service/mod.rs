@@ -339,6 +339,7 @@ impl Service {
             if self.ledger.state(tile)? == &TileState::Pending {
                 self.ledger.mark_trained(tile, step)?;
                 self.to_dispose.push(tile);
+                self.scheduled.remove(&tile);
             }
         }
         if let Some(report) = report {
@@ -474,6 +475,7 @@ impl Service {
         let path = self.ledger.identity(tile)?.path.clone();
         log::warn!("{}: rejected: {reason}", path.display());
         self.ledger.mark_rejected(tile, reason)?;
+        self.scheduled.remove(&tile);
         if let Err(e) = stream::dispose_rejected(&self.cfg.stream, &path, reason) {
             log::warn!("{e}");
         }
@@ -634,4 +636,42 @@ fn scan(dir: &Path, recursive: bool, settle: Duration, out: &mut Vec<PathBuf>) {
 
 fn opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_up_scan_takes_settled_files_and_patch_folders_but_skips_partial_and_handled_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for name in ["b.tif", "a.tif", ".hidden.tif", "c.tif.part", "d.tmp", "notes.txt"] {
+            std::fs::write(d.join(name), b"x").unwrap();
+        }
+        for sub in [stream::PROCESSED_DIR, stream::REJECTED_DIR, "S2A_patch", "other"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::write(d.join("S2A_patch/S2A_patch_B02.tif"), b"x").unwrap();
+        std::fs::write(d.join("processed/old.tif"), b"x").unwrap();
+        std::fs::write(d.join("other/deep.tif"), b"x").unwrap();
+        let mut found = Vec::new();
+        scan(d, false, Duration::ZERO, &mut found);
+        found.sort();
+        let names: Vec<_> = found.iter().map(|p| p.strip_prefix(d).unwrap().to_str().unwrap()).collect();
+        assert_eq!(names, ["S2A_patch", "a.tif", "b.tif", "notes.txt"]);
+        let mut recursive = Vec::new();
+        scan(d, true, Duration::ZERO, &mut recursive);
+        assert!(
+            recursive.contains(&d.join("other/deep.tif"))
+                && !recursive.contains(&d.join("processed/old.tif"))
+        );
+        let mut fresh = Vec::new();
+        scan(d, false, Duration::from_secs(3600), &mut fresh);
+        assert_eq!(
+            fresh,
+            [d.join("S2A_patch")],
+            "files younger than the settle time are left to the watcher"
+        );
+    }
 }
