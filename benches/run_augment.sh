@@ -12,6 +12,7 @@ DATA=${DATA:-../shared/data/bigearthnet-s2}
 PY_REF=${PY_REF:-/work/venvs/augment-ref/bin/python}
 PY_SEED=${PY_SEED:-/work/venvs/augment-seed1x/bin/python}
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+# (cargo honours CARGO_TARGET_DIR as usual)
 cargo bench --bench augment -- "$SECONDS_PER_RUN"
 # The same Python run on the process CPU clock: augment_ref times with time.perf_counter, so
 # pointing that at time.process_time turns its samples/s into samples per CPU second (what the
@@ -23,8 +24,8 @@ cpu_clock() {
 for sem in v1 seed1x; do
     py=$PY_REF; [ "$sem" = seed1x ] && py=$PY_SEED
     echo "== python --sem $sem, 1 thread, wall clock"
-    "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null | head -1
+    "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null | grep "^samples/s"
     echo "== python --sem $sem, 1 thread, CPU clock (samples/s = samples per CPU second)"
-    cpu_clock "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null | head -1
+    cpu_clock "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null | grep "^samples/s"
 done
 echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -7,14 +7,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo-out}
 STEPS=${DEMO_STEPS:-6}
+mkdir -p "$OUT"
 cargo build --release --locked
 BIN=target/release/dinostream
 
-echo "== inspect: the bundled BigEarthNet folders"
+echo "== inspect: bundled BigEarthNet folders and EuroSAT tiles"
 "$BIN" inspect tests/data/bigearthnet-s2
+"$BIN" inspect --layout eurosat13 tests/data/eurosat-ms
+
+echo "== preview: the 8 DINO views of one tile -> $OUT/crops.png"
+"$BIN" preview --input "$(ls -d tests/data/bigearthnet-s2/*/ | head -n 1)" --out "$OUT/crops.png" --seed 7
 
 echo "== serve: watch $OUT/incoming, train ViT-tiny/8 for $STEPS steps on the CPU"
-rm -rf "$OUT" && mkdir -p "$OUT/incoming"
+rm -rf "$OUT/incoming" "$OUT/state" && mkdir -p "$OUT/incoming"
 cp -r tests/data/bigearthnet-s2/S2A_* "$OUT/incoming/"
 "$BIN" --config scripts/demo.toml serve --watch "$OUT/incoming" --state "$OUT/state" \
     --exports "$OUT/exports" --model vit-tiny-p8 --device cpu --max-steps "$STEPS"

@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${DINOSTREAM_VENV:-.venv}
 PY=${PYTHON:-python3}
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import numpy" 2>/dev/null; then
+ORT_VERSION=${ORT_VERSION:-1.30.0}
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import numpy, onnx, onnxruntime" 2>/dev/null; then
   exit 0
 fi
-"$PY" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy onnx "onnxruntime==$ORT_VERSION"

@@ -4,11 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, parse_layout};
-use crate::tile;
+use crate::config::{Config, ConfigError, TileConfig, parse_layout};
+use crate::dino::StepReport;
+use crate::infer::embed;
+use crate::infer::knn;
+use crate::infer::runtime::{LibrarySearch, OnnxModel, Runtime};
+use crate::service::train::{Progress, TrainJob};
+use crate::tile::{self, Patch};
 
 /// Continual DINO self-supervised training on Sentinel-2 tiles.
 #[derive(Debug, Parser)]
@@ -51,6 +56,60 @@ pub enum Command {
     Serve(ServeArgs),
     /// Describe tiles and BigEarthNet folders: format, size, bands, layout, georeference, statistics.
     Inspect(InspectArgs),
+    /// Render the 8 augmented DINO views of one patch as a 2x4 PNG grid.
+    Preview(PreviewArgs),
+    /// Train DINO on the tiles of a folder (no watching) and write a checkpoint.
+    Train(TrainArgs),
+    /// Export a checkpoint's teacher backbone as ONNX (no verification; `serve` verifies).
+    Export(ExportArgs),
+    /// Embed tiles with an exported model: writes `[rows, D]` embeddings.npy and an index CSV.
+    Embed(EmbedArgs),
+    /// Evaluate frozen embeddings: weighted k-NN (k=20, T=0.07) and a linear probe.
+    Eval(EvalArgs),
+}
+
+/// `dinostream preview --input TILE --out crops.png`
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// A tile or BigEarthNet folder; its first patch is shown.
+    #[arg(long, value_name = "TILE")]
+    pub input: PathBuf,
+    /// The PNG to write.
+    #[arg(long, value_name = "PNG")]
+    pub out: PathBuf,
+    /// Sample index seeding the views (same seed, same views).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Show one band in grey instead of false colour B04/B03/B02.
+    #[arg(long, value_name = "BAND")]
+    pub band: Option<String>,
+    #[command(flatten)]
+    pub layout: LayoutArg,
+}
+
+/// `dinostream train --data DIR --steps N`
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder of tiles and BigEarthNet folders (or one tile).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, value_name = "N")]
+    pub steps: usize,
+    /// Model preset name or preset TOML path (overrides `model.preset`).
+    #[arg(long, value_name = "PRESET")]
+    pub model: Option<String>,
+    /// Compute device (overrides `train.device`).
+    #[arg(long, value_enum)]
+    pub device: Option<crate::config::Device>,
+    /// Samples per step (overrides `train.batch_size`).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Folder for the final checkpoint.
+    #[arg(long, value_name = "DIR", default_value = "checkpoint")]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArg,
 }
 
 /// `dinostream inspect PATH...`
@@ -121,6 +180,88 @@ fn serve(mut cfg: Config, args: &ServeArgs) -> Result<()> {
     crate::service::serve(&cfg, stop)
 }
 
+/// Where to find ONNX Runtime and whether to use CUDA.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// libonnxruntime.so.1.* to load (else ORT_DYLIB_PATH, ./.venv, python3's onnxruntime).
+    #[arg(long, value_name = "FILE")]
+    pub onnxruntime: Option<PathBuf>,
+    /// Run on the CUDA execution provider; an error if it cannot be used.
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+/// `dinostream export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Checkpoint folder holding model.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Output ONNX file.
+    #[arg(long, value_name = "FILE.onnx")]
+    pub out: PathBuf,
+    /// Input height and width; only the trained size until pos_embed interpolation is merged.
+    #[arg(long, value_name = "PX")]
+    pub image_size: Option<usize>,
+    /// What the model input holds: reflectance (normalised inside the graph) or normalized.
+    #[arg(long, default_value = "reflectance", value_parser = ["reflectance", "normalized"])]
+    pub input_contract: String,
+    /// Also output the patch tokens `[N, L, D]`.
+    #[arg(long)]
+    pub patch_tokens: bool,
+}
+
+/// `dinostream embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Exported model (e.g. exports/latest.onnx).
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub model: PathBuf,
+    /// Tiles, or folders searched for *.tif / *.tiff.
+    #[arg(long, required = true, num_args = 1.., value_name = "DIR|TILE")]
+    pub input: Vec<PathBuf>,
+    /// Output .npy; the index CSV goes beside it with the extension .csv.
+    #[arg(long, value_name = "FILE.npy")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArg,
+    /// Inputs per ONNX Runtime call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `dinostream eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Exported model; not needed with `--baseline band-stats`.
+    #[arg(long, value_name = "MODEL.onnx", required_unless_present = "baseline")]
+    pub model: Option<PathBuf>,
+    /// Folder of the labelled bank (training) tiles.
+    #[arg(long, value_name = "DIR")]
+    pub bank: PathBuf,
+    /// Bank labels CSV (`filename,label,...`, paths relative to --bank).
+    #[arg(long, value_name = "CSV")]
+    pub labels: PathBuf,
+    /// Folder of the query (test) tiles.
+    #[arg(long, value_name = "DIR")]
+    pub query: PathBuf,
+    /// Query labels CSV.
+    #[arg(long, value_name = "CSV")]
+    pub query_labels: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArg,
+    /// Use per-band mean/std features instead of a model.
+    #[arg(long, value_name = "MODE", value_parser = ["band-stats"])]
+    pub baseline: Option<String>,
+    /// Inputs per ONNX Runtime call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
 /// Parse the process arguments (exits with usage help on error, as clap does).
 pub fn parse() -> Cli {
     Cli::parse()
@@ -145,7 +286,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    let cfg = load_config(&cli.global)?;
+    let mut cfg = load_config(&cli.global)?;
     match cli.command {
         Command::Config => {
             print!("{}", cfg.to_toml());
@@ -153,6 +294,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => serve(cfg, &args),
         Command::Inspect(args) => inspect(cfg, &args),
+        Command::Preview(args) => preview(cfg, &args),
+        Command::Train(args) => train(cfg, &args),
+        Command::Export(args) => export_command(&args),
+        Command::Embed(args) => {
+            apply_layout(&mut cfg, &args.layout)?;
+            embed_command(&args, &cfg.tile)
+        }
+        Command::Eval(args) => {
+            apply_layout(&mut cfg, &args.layout)?;
+            eval_command(&args, &cfg.tile)
+        }
     }
 }
 
@@ -177,6 +329,85 @@ fn inspect(mut cfg: Config, args: &InspectArgs) -> Result<()> {
         anyhow::bail!("{failed} input(s) could not be read");
     }
     Ok(())
+}
+
+/// `preview`: augment the first patch of the input and write the 2x4 grid.
+fn preview(mut cfg: Config, args: &PreviewArgs) -> Result<()> {
+    apply_layout(&mut cfg, &args.layout)?;
+    let input = tile::Input::detect(&args.input)?;
+    let mut first = None;
+    tile::for_each_patch(&input, &cfg.tile, |patch| {
+        first = Some(patch);
+        std::ops::ControlFlow::Break(())
+    })?;
+    let patch = first.with_context(|| format!("{}: no usable patch", args.input.display()))?;
+    let augmenter = crate::augment::Augmenter::new(&cfg.augment, &cfg.tile.bands)?;
+    let views = augmenter.views(&patch, args.seed)?;
+    let png = crate::augment::preview::render_png(&views, &cfg.tile.bands, args.band.as_deref())?;
+    std::fs::write(&args.out, png).with_context(|| format!("{}: cannot write", args.out.display()))?;
+    println!("{}: {} views of {}", args.out.display(), views.views.len(), args.input.display());
+    Ok(())
+}
+
+/// `train`: the flags override their config keys, then the run reports through a progress bar.
+fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
+    apply_layout(&mut cfg, &args.layout)?;
+    if let Some(model) = &args.model {
+        cfg.model.preset = model.clone();
+    }
+    if let Some(device) = args.device {
+        cfg.train.device = device;
+    }
+    if let Some(batch_size) = args.batch_size {
+        cfg.train.batch_size = batch_size;
+    }
+    revalidate(&cfg)?;
+    let job = TrainJob { data: args.data.clone(), steps: args.steps, checkpoint: args.checkpoint.clone() };
+    let mut bar = StepBar::new(args.steps as u64, cfg.train.log_every_steps as u64);
+    let last = crate::service::train::run(&cfg, &job, &mut bar)?;
+    bar.bar.finish_and_clear();
+    println!("step {}: loss {:.4}; checkpoint in {}", last.step, last.loss, args.checkpoint.display());
+    Ok(())
+}
+
+/// A progress bar on a terminal, plus one log line every `log_every` steps (what journald sees).
+struct StepBar {
+    bar: indicatif::ProgressBar,
+    log_every: u64,
+}
+
+impl StepBar {
+    fn new(steps: u64, log_every: u64) -> StepBar {
+        let bar = indicatif::ProgressBar::new(steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .expect("the template is valid")
+                .progress_chars("=> "),
+        );
+        StepBar { bar, log_every: log_every.max(1) }
+    }
+}
+
+impl Progress for StepBar {
+    fn step(&mut self, r: &StepReport, samples_per_sec: f64) {
+        let line = format!("loss {:.4} lr {:.2e} {samples_per_sec:.1} samples/s", r.loss, r.lr);
+        self.bar.set_position(r.step);
+        self.bar.set_message(line.clone());
+        if r.step % self.log_every == 0 || r.collapse.is_some() {
+            let collapse = r.collapse.map(|c| {
+                format!(
+                    "; teacher entropy/lnK {:.3}, KL(t||s) {:.3}, cls std {:.4} (uniform {:.4})",
+                    c.teacher_entropy_ratio, c.kl_teacher_student, c.teacher_cls_std, c.uniform_cls_std
+                )
+            });
+            self.bar.suspend(|| log::info!("step {}: {line}{}", r.step, collapse.unwrap_or_default()));
+        }
+    }
+}
+
+/// Re-check the configuration after flags changed it.
+fn revalidate(cfg: &Config) -> Result<(), ConfigError> {
+    cfg.validate().map_err(|errors| ConfigError::Invalid { path: None, errors })
 }
 
 /// The inputs a command-line path stands for: itself, or what a plain folder holds.
@@ -217,6 +448,218 @@ fn render_info(info: &tile::InputInfo) -> String {
         s += &format!("  {:<5} {size:<9} {:8.4} {:8.4} {:8.4}\n", b.name, b.min, b.mean, b.max);
     }
     s
+}
+
+/// Every patch of a tile or BigEarthNet folder (reflectance, named bands).
+fn read_patches(path: &Path, tile: &TileConfig) -> Result<Vec<Patch>> {
+    let input = tile::Input::detect(path)?;
+    Ok(tile::read_patches(&input, tile)?)
+}
+
+/// `dinostream export`: checkpoint -> ONNX file (written atomically).
+fn export_command(args: &ExportArgs) -> Result<()> {
+    let path = args.checkpoint.join("model.safetensors");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let contract = args.input_contract.parse().map_err(anyhow::Error::msg)?;
+    let (mut spec, weights) =
+        crate::export::from_checkpoint(&bytes, contract).with_context(|| path.display().to_string())?;
+    if let Some(px) = args.image_size.filter(|px| *px != spec.img_size) {
+        anyhow::bail!(
+            "--image-size {px}: only the trained size {} is supported until pos_embed interpolation (module `model`) is merged",
+            spec.img_size
+        );
+    }
+    spec.patch_tokens = args.patch_tokens;
+    let onnx = crate::export::export_bytes(&spec, &weights)?;
+    crate::fsio::write_atomic(&args.out, &onnx).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{}: step {} of {} ({} bytes)", args.out.display(), spec.step, spec.preset, onnx.len());
+    Ok(())
+}
+
+/// Open `model` through the shared ONNX Runtime.
+fn open_model(model: &Path, rt: &RuntimeArgs) -> Result<OnnxModel> {
+    let runtime = Runtime::get(&LibrarySearch::standard(rt.onnxruntime.clone()))?;
+    Ok(runtime.open(model, rt.cuda)?)
+}
+
+/// `dinostream embed`: every input's patches through the model, in batches, with a progress bar.
+fn embed_command(args: &EmbedArgs, tile: &TileConfig) -> Result<()> {
+    let mut model = open_model(&args.model, &args.runtime)?;
+    let meta = model.metadata()?;
+    let mut failed = 0;
+    let files: Vec<tile::Input> = args.input.iter().flat_map(|p| expand_inputs(p, &mut failed)).collect();
+    if failed > 0 {
+        anyhow::bail!("{failed} input(s) could not be listed");
+    }
+    let mut inputs = Vec::new();
+    for file in &files {
+        for patch in tile::read_patches(file, tile)? {
+            inputs.extend(embed::prepare(&patch, &meta)?);
+        }
+    }
+    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
+    let out =
+        embed::embed_inputs(&mut model, &meta, &inputs, args.batch, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    embed::write_npy(&args.out, &out.values, out.rows(), out.dim)?;
+    let index = args.out.with_extension("csv");
+    embed::write_index_csv(&index, &out.index)?;
+    println!(
+        "{}: {} embeddings of dim {} ({} files); index {}",
+        args.out.display(),
+        out.rows(),
+        out.dim,
+        files.len(),
+        index.display()
+    );
+    Ok(())
+}
+
+/// `dinostream eval`: features for bank and query, then k-NN and linear-probe accuracy.
+fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
+    let bank = read_label_file(&args.labels)?;
+    let query = read_label_file(&args.query_labels)?;
+    let mut classes: Vec<String> = bank.iter().chain(&query).flat_map(|f| f.labels.clone()).collect();
+    classes.sort();
+    classes.dedup();
+    let mut features = FeatureSource::new(args)?;
+    let (xb, d) = features.of(&args.bank, &bank, tile, args.batch)?;
+    let (xq, _) = features.of(&args.query, &query, tile, args.batch)?;
+    println!(
+        "features: {} (dim {d}); bank {} files, query {} files",
+        features.name(),
+        bank.len(),
+        query.len()
+    );
+    if bank.iter().chain(&query).any(|f| f.labels.len() != 1) {
+        print_multilabel_eval(&xb, &bank, &xq, &query, d, &classes);
+    } else {
+        print_single_label_eval(&xb, &bank, &xq, &query, d, &classes);
+    }
+    Ok(())
+}
+
+/// Class indices of single-label files.
+fn class_indices(files: &[knn::LabelledFile], classes: &[String]) -> Vec<usize> {
+    files
+        .iter()
+        .map(|f| classes.iter().position(|c| *c == f.labels[0]).expect("classes collected from these files"))
+        .collect()
+}
+
+/// k-NN and linear-probe accuracy, per class and overall.
+fn print_single_label_eval(
+    xb: &[f32],
+    bank: &[knn::LabelledFile],
+    xq: &[f32],
+    query: &[knn::LabelledFile],
+    d: usize,
+    classes: &[String],
+) {
+    let (yb, yq) = (class_indices(bank, classes), class_indices(query, classes));
+    let report = knn::evaluate(xb, &yb, xq, &yq, d, classes.len());
+    println!("{:<24} {:>8} {:>8} {:>6}", "class", "knn", "linear", "n");
+    for (c, name) in classes.iter().enumerate() {
+        let (k, l) = (report.knn.per_class[c], report.linear.per_class[c]);
+        let pct = |(ok, n): (usize, usize)| if n == 0 { f64::NAN } else { 100.0 * ok as f64 / n as f64 };
+        println!("{name:<24} {:>7.1}% {:>7.1}% {:>6}", pct(k), pct(l), k.1);
+    }
+    let (k, l) = (100.0 * report.knn.overall, 100.0 * report.linear.overall);
+    println!("{:<24} {k:>7.1}% {l:>7.1}% {:>6}", "overall", yq.len());
+}
+
+/// Multi-label (BigEarthNet) weighted k-NN: micro mAP and micro F1 at 0.5.
+fn print_multilabel_eval(
+    xb: &[f32],
+    bank: &[knn::LabelledFile],
+    xq: &[f32],
+    query: &[knn::LabelledFile],
+    d: usize,
+    classes: &[String],
+) {
+    let targets = |files: &[knn::LabelledFile]| -> Vec<f32> {
+        files.iter().flat_map(|f| classes.iter().map(|c| f32::from(u8::from(f.labels.contains(c))))).collect()
+    };
+    let (mut xb, mut xq) = (xb.to_vec(), xq.to_vec());
+    knn::l2_normalize_rows(&mut xb, d);
+    knn::l2_normalize_rows(&mut xq, d);
+    let scores =
+        knn::knn_multilabel_scores(&xb, &targets(bank), &xq, d, classes.len(), knn::K, knn::TEMPERATURE);
+    let truth = targets(query);
+    let map = knn::micro_average_precision(&scores, &truth).unwrap_or(f64::NAN);
+    println!(
+        "multi-label weighted k-NN over {} classes: micro mAP {:.1}%, micro F1@0.5 {:.1}%",
+        classes.len(),
+        100.0 * map,
+        100.0 * knn::micro_f1(&scores, &truth, 0.5)
+    );
+}
+
+fn read_label_file(path: &Path) -> Result<Vec<knn::LabelledFile>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    knn::read_labels(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Where eval's per-file features come from: the model's cls embedding or the band statistics.
+enum FeatureSource {
+    Model(Box<OnnxModel>),
+    BandStats,
+}
+
+impl FeatureSource {
+    fn new(args: &EvalArgs) -> Result<Self> {
+        match (&args.baseline, &args.model) {
+            (Some(_), _) => Ok(FeatureSource::BandStats),
+            (None, Some(model)) => Ok(FeatureSource::Model(Box::new(open_model(model, &args.runtime)?))),
+            (None, None) => anyhow::bail!("eval: pass --model M.onnx or --baseline band-stats"),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            FeatureSource::Model(m) => m.path().display().to_string(),
+            FeatureSource::BandStats => "band-stats baseline".into(),
+        }
+    }
+
+    /// `[files, d]` features, one row per labelled file (the mean over its patches), and `d`.
+    fn of(
+        &mut self,
+        dir: &Path,
+        files: &[knn::LabelledFile],
+        tile: &TileConfig,
+        batch: usize,
+    ) -> Result<(Vec<f32>, usize)> {
+        let mut rows = Vec::new();
+        let mut dim = 0;
+        for file in files {
+            let patches = read_patches(&dir.join(&file.filename), tile)?;
+            let row = match self {
+                FeatureSource::Model(model) => {
+                    let meta = model.metadata()?;
+                    let e = embed::embed_patches(model, &meta, &patches, batch, |_| ())?;
+                    mean_row(&e.values, e.dim)
+                }
+                FeatureSource::BandStats => {
+                    let per_patch: Vec<Vec<f32>> =
+                        patches.iter().map(|p| knn::band_stat_features(&p.data, p.channels())).collect();
+                    mean_row(&per_patch.concat(), per_patch.first().map_or(0, Vec::len))
+                }
+            };
+            if row.is_empty() {
+                anyhow::bail!("{}: no patches", dir.join(&file.filename).display());
+            }
+            dim = row.len();
+            rows.extend(row);
+        }
+        Ok((rows, dim))
+    }
+}
+
+/// The mean of the rows of `[n, dim]` values.
+fn mean_row(values: &[f32], dim: usize) -> Vec<f32> {
+    let n = (values.len() / dim.max(1)).max(1) as f32;
+    (0..dim).map(|j| values.chunks(dim).map(|r| r[j]).sum::<f32>() / n).collect()
 }
 
 /// The config file if given, else the defaults; validated either way.

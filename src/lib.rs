@@ -17,14 +17,20 @@
 //! - [`augment`]: multi-crop views and batches (plain f32, no candle).
 //! - [`model`]: the ViT backbone, DINO head and multi-crop wrapper on candle, from `models/*.toml`.
 //! - [`dino`]: loss, schedules, optimiser, teacher EMA, the training step, checkpoints.
+//! - [`infer`]: ONNX Runtime (loaded at run time): embeddings, k-NN and linear-probe evaluation.
+//! - [`export`]: the teacher backbone as ONNX, verified in ONNX Runtime before it is published.
+//! - [`service`]: the long-running `serve` loop: threads, channels, signals, systemd, status.
 //! - [`cli`]: one function per subcommand; the binary's `main` only calls into it.
 
-pub mod augment;
-pub mod cli;
+// In pipeline order; a module uses only modules above it.
 pub mod config;
-pub mod dino;
 pub mod fsio;
-pub mod model;
-pub mod service;
-pub mod stream;
 pub mod tile;
+pub mod stream;
+pub mod augment;
+pub mod model;
+pub mod dino;
+pub mod infer;
+pub mod export;
+pub mod service;
+pub mod cli;

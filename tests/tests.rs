@@ -6,7 +6,8 @@ mod util;
 
 mod augment;
 mod cli;
-mod dino;
 mod ingest;
-mod serve;
 mod stream;
+mod dino;
+mod export;
+mod serve;

@@ -31,6 +31,7 @@ pub mod schedule;
 pub mod signal;
 pub mod status;
 pub mod systemd;
+pub mod train;
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};

@@ -91,6 +91,9 @@ impl RowSource for FolderSource {
         }
         Ok(())
     }
+    fn resident(&self) -> Option<&[f32]> {
+        Some(&self.data)
+    }
 }
 
 /// One band file decoded whole (these are at most 120 x 120 px).
@@ -128,7 +131,7 @@ pub(crate) fn open(dir: &Path, cfg: &TileConfig) -> Result<FolderSource, TileErr
     }
     let (width, height) = grid(&files, &planes, cfg)?;
     let mut data = Vec::with_capacity(planes.len() * width * height);
-    for plane in &planes {
+    for plane in planes {
         data.extend(to_grid(plane, width, height)?);
     }
     Ok(FolderSource { width, height, data })
@@ -161,10 +164,10 @@ fn grid(
 const TEN_METRE: [&str; 4] = ["B02", "B03", "B04", "B08"];
 
 /// The band on the `width x height` grid; its size must divide the grid evenly with one factor.
-fn to_grid(plane: &BandPlane, width: usize, height: usize) -> Result<Vec<f32>, TileError> {
+fn to_grid(plane: BandPlane, width: usize, height: usize) -> Result<Vec<f32>, TileError> {
     let (w, h) = (plane.file.meta.width, plane.file.meta.height);
     if (w, h) == (width, height) {
-        return Ok(plane.values.clone());
+        return Ok(plane.values);
     }
     if width % w != 0 || height % h != 0 || width / w != height / h {
         return Err(TileError::BandSizes {

@@ -14,6 +14,20 @@ pub(crate) trait RowSource {
     fn height(&self) -> usize;
     /// Fill `out` (`[bands, rows.len(), width]`) with rows `rows`.
     fn read_rows(&mut self, rows: Range<usize>, out: &mut [f32]) -> Result<(), TileError>;
+    /// The whole `[bands, height, width]` image when it is already in memory (BigEarthNet
+    /// folders), so windows are cut from it without a row-buffer copy.
+    fn resident(&self) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// A `[bands, height, width]` buffer holding image rows `y0..y0 + height`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    values: &'a [f32],
+    width: usize,
+    height: usize,
+    y0: usize,
 }
 
 /// Patch origins along one axis: a side of `min(patch_px, dim)` stepped by `stride`, so an image
@@ -33,19 +47,43 @@ pub(crate) fn cut_patches(
     let (width, height) = (source.width(), source.height());
     let side_w = cfg.patch_px.min(width);
     let side_h = cfg.patch_px.min(height);
-    let mut rows = vec![0f32; bands.len() * side_h * width];
     let mut count = PatchCount::default();
-    for y in origins(height, side_h, cfg.stride_px) {
-        source.read_rows(y..y + side_h, &mut rows)?;
-        for x in origins(width, side_w, cfg.stride_px) {
-            let window = Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
-            let patch = extract(&rows, width, window, bands, path);
-            if patch.nodata_fraction > cfg.max_nodata_fraction {
-                count.skipped += 1;
-                continue;
+    let whole = Window { x: 0, y: 0, width: width as u32, height: height as u32 };
+    let mut emit = |patch: Patch| {
+        if patch.nodata_fraction > cfg.max_nodata_fraction {
+            count.skipped += 1;
+            return ControlFlow::Continue(());
+        }
+        count.yielded += 1;
+        sink(patch)
+    };
+    let window =
+        |x: usize, y: usize| Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
+    if let Some(values) = source.resident() {
+        let rows = Rows { values, width, height, y0: 0 };
+        for y in origins(height, side_h, cfg.stride_px) {
+            for x in origins(width, side_w, cfg.stride_px) {
+                if emit(extract(rows, window(x, y), bands, path)).is_break() {
+                    return Ok(count);
+                }
             }
-            count.yielded += 1;
-            if sink(patch).is_break() {
+        }
+        return Ok(count);
+    }
+    if (side_w, side_h) == (width, height) {
+        // One window covers the image (EuroSAT): read straight into the patch.
+        let mut data = vec![0f32; bands.len() * width * height];
+        source.read_rows(0..height, &mut data)?;
+        // The only patch: whether the sink wants more does not matter.
+        let _ = emit(finish(data, whole, bands, path));
+        return Ok(count);
+    }
+    let mut buffer = vec![0f32; bands.len() * side_h * width];
+    for y in origins(height, side_h, cfg.stride_px) {
+        source.read_rows(y..y + side_h, &mut buffer)?;
+        let rows = Rows { values: &buffer, width, height: side_h, y0: y };
+        for x in origins(width, side_w, cfg.stride_px) {
+            if emit(extract(rows, window(x, y), bands, path)).is_break() {
                 return Ok(count);
             }
         }
@@ -53,27 +91,34 @@ pub(crate) fn cut_patches(
     Ok(count)
 }
 
-/// One window of the row buffer as reflectance; NaN values become 0 and, like all-zero pixels,
-/// count towards the nodata fraction.
-fn extract(rows: &[f32], row_width: usize, window: Window, bands: &[String], path: &Path) -> Patch {
+/// One window of the row buffer as a patch.
+fn extract(rows: Rows, window: Window, bands: &[String], path: &Path) -> Patch {
     let (w, h) = (window.width as usize, window.height as usize);
-    let plane = h * w;
-    let mut data = vec![0f32; bands.len() * plane];
-    let mut valid = vec![false; plane];
-    let mut bad = vec![false; plane];
+    let mut data = Vec::with_capacity(bands.len() * h * w);
     for c in 0..bands.len() {
         for r in 0..h {
-            let src = &rows[(c * h + r) * row_width + window.x as usize..][..w];
-            let dst = &mut data[c * plane + r * w..][..w];
-            for (i, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
-                let nodata = v.is_nan();
-                bad[r * w + i] |= nodata;
-                valid[r * w + i] |= !nodata && v != 0.0;
-                *d = if nodata { 0.0 } else { v / 10000.0 };
-            }
+            let start = (c * rows.height + window.y as usize - rows.y0 + r) * rows.width + window.x as usize;
+            data.extend_from_slice(&rows.values[start..start + w]);
         }
     }
-    let nodata = bad.iter().zip(&valid).filter(|&(&b, &v)| b || !v).count();
+    finish(data, window, bands, path)
+}
+
+/// Raw `[C, H, W]` values of `window` to reflectance, in place: NaN becomes 0 and, like all-zero
+/// pixels, counts towards the nodata fraction.
+fn finish(mut data: Vec<f32>, window: Window, bands: &[String], path: &Path) -> Patch {
+    let (w, h) = (window.width as usize, window.height as usize);
+    let plane = h * w;
+    // Per pixel: bit 0 = some band is nodata, bit 1 = some band is a non-zero value.
+    let mut flags = vec![0u8; plane];
+    for channel in data.chunks_exact_mut(plane) {
+        for (f, v) in flags.iter_mut().zip(channel.iter_mut()) {
+            let nodata = v.is_nan();
+            *f |= u8::from(nodata) | (u8::from(!nodata && *v != 0.0) << 1);
+            *v = if nodata { 0.0 } else { *v / 10000.0 };
+        }
+    }
+    let nodata = flags.iter().filter(|&&f| f != 2).count();
     Patch {
         data,
         bands: bands.to_vec(),

@@ -38,17 +38,18 @@ fn cubic_weights(t: f32) -> [f32; 4] {
 pub fn resize_bicubic(src: &[f32], w: usize, h: usize, dst_w: usize, dst_h: usize) -> Vec<f32> {
     let tx = taps(w, dst_w);
     let ty = taps(h, dst_h);
-    let mut rows = vec![0f32; h * dst_w];
-    for (src_row, out_row) in src.chunks_exact(w).zip(rows.chunks_exact_mut(dst_w)) {
-        for (o, t) in out_row.iter_mut().zip(&tx) {
-            *o = (0..4).map(|k| src_row[t.index[k]] * t.weight[k]).sum();
-        }
+    let mut rows = Vec::with_capacity(h * dst_w);
+    for src_row in src.chunks_exact(w) {
+        rows.extend(tx.iter().map(|t| {
+            let [a, b, c, d] = t.index.map(|i| src_row[i]);
+            a * t.weight[0] + b * t.weight[1] + c * t.weight[2] + d * t.weight[3]
+        }));
     }
-    let mut out = vec![0f32; dst_h * dst_w];
-    for (out_row, t) in out.chunks_exact_mut(dst_w).zip(&ty) {
-        for (x, o) in out_row.iter_mut().enumerate() {
-            *o = (0..4).map(|k| rows[t.index[k] * dst_w + x] * t.weight[k]).sum();
-        }
+    let mut out = Vec::with_capacity(dst_h * dst_w);
+    for t in &ty {
+        let [r0, r1, r2, r3] = t.index.map(|i| &rows[i * dst_w..(i + 1) * dst_w]);
+        let [w0, w1, w2, w3] = t.weight;
+        out.extend((0..dst_w).map(|x| r0[x] * w0 + r1[x] * w1 + r2[x] * w2 + r3[x] * w3));
     }
     out
 }

@@ -21,6 +21,45 @@ use crate::config::TileConfig;
 /// for a whole scene) are refused: reading them would mean holding the scene in memory.
 const MAX_CHUNK_BYTES: usize = 256 << 20;
 
+/// Files up to this size are read into memory with one read; larger ones are read as needed.
+const SMALL_FILE_BYTES: u64 = 8 << 20;
+
+/// The bytes of a file: all in memory when small (one `read` instead of one per strip), else a
+/// buffered reader.
+pub(crate) enum FileReader {
+    Memory(std::io::Cursor<Vec<u8>>),
+    Disk(BufReader<File>),
+}
+
+impl FileReader {
+    fn new(mut file: File, len: u64) -> std::io::Result<FileReader> {
+        if len > SMALL_FILE_BYTES {
+            return Ok(FileReader::Disk(BufReader::new(file)));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes)?;
+        Ok(FileReader::Memory(std::io::Cursor::new(bytes)))
+    }
+}
+
+impl Read for FileReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            FileReader::Memory(c) => c.read(buf),
+            FileReader::Disk(r) => r.read(buf),
+        }
+    }
+}
+
+impl Seek for FileReader {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            FileReader::Memory(c) => c.seek(pos),
+            FileReader::Disk(r) => r.seek(pos),
+        }
+    }
+}
+
 /// Compression codes the decoder handles: none, LZW, deflate (both codes), packbits, zstd.
 const SUPPORTED_COMPRESSION: [u16; 6] = [1, 5, 8, 32946, 32773, 50000];
 
@@ -59,7 +98,7 @@ pub(crate) struct TiffMeta {
 pub(crate) struct TiffFile {
     pub path: PathBuf,
     pub meta: TiffMeta,
-    decoder: Decoder<BufReader<File>>,
+    decoder: Decoder<FileReader>,
     compression_code: u16,
     /// Chunks decoded by the last [`TiffFile::read_rows`] call, by chunk index: consecutive patch
     /// rows share strips and tiles, and each is decoded once. Holds at most the chunk rows one call
@@ -72,15 +111,15 @@ pub(crate) struct TiffFile {
 impl TiffFile {
     /// Open `path`, check its header and its declared size against `cfg`'s limits.
     pub fn open(path: &Path, cfg: &TileConfig) -> Result<TiffFile, TileError> {
-        let mut file = open_checked(path)?;
-        if let Some((w, h, spp)) = peek_dimensions(&mut file) {
+        let mut reader = open_checked(path)?;
+        if let Some((w, h, spp)) = peek_dimensions(&mut reader) {
             check_limits(path, w, h, spp, cfg)?;
         }
-        file.seek(SeekFrom::Start(0)).map_err(|e| TileError::io(path, e))?;
+        reader.seek(SeekFrom::Start(0)).map_err(|e| TileError::io(path, e))?;
         let mut limits = Limits::default();
         limits.decoding_buffer_size = MAX_CHUNK_BYTES;
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
-        let mut decoder = guard(path, || Decoder::new(BufReader::new(file)))?.with_limits(limits);
+        let mut decoder = guard(path, || Decoder::new(reader))?.with_limits(limits);
         let (meta, compression_code) = read_meta(path, &mut decoder, cfg)?;
         Ok(TiffFile {
             path: path.to_path_buf(),
@@ -226,11 +265,16 @@ struct CopyGeometry {
 }
 
 impl CopyGeometry {
-    fn copy<T: Copy + Into<f64>>(&self, chunk: &[T], bands: &[usize], planar: bool, out: &mut [f32]) {
+    fn copy<T: Sample>(&self, chunk: &[T], bands: &[usize], planar: bool, out: &mut [f32]) {
         let n_rows = self.rows.len();
         let y_lo = self.rows.start.max(self.place.y0);
         let y_hi = self.rows.end.min(self.place.y0 + self.h);
         let nodata = self.nodata.map(|v| v as f32);
+        // Integer samples without a nodata value cannot be nodata: plain conversion.
+        let masked = T::FLOAT || nodata.is_some();
+        if !masked && !planar {
+            return self.copy_chunky(chunk, bands, out);
+        }
         for (c, &band) in bands.iter().enumerate() {
             let (sample, stride) = match planar {
                 true if band != self.place.plane => continue,
@@ -241,12 +285,69 @@ impl CopyGeometry {
                 let src = &chunk[(y - self.place.y0) * self.w * stride..][..self.w * stride];
                 let dst_row = (c * n_rows + (y - self.rows.start)) * self.width + self.place.x0;
                 let dst = &mut out[dst_row..dst_row + self.w];
-                for (d, px) in dst.iter_mut().zip(src.chunks_exact(stride)) {
-                    let v = px[sample].into() as f32;
-                    *d = if !v.is_finite() || Some(v) == nodata { f32::NAN } else { v };
+                let values = src[sample..].iter().step_by(stride).map(|&v| v.to_f32());
+                if masked {
+                    for (d, v) in dst.iter_mut().zip(values) {
+                        *d = if !v.is_finite() || Some(v) == nodata { f32::NAN } else { v };
+                    }
+                } else {
+                    for (d, v) in dst.iter_mut().zip(values) {
+                        *d = v;
+                    }
                 }
             }
         }
+    }
+}
+
+impl CopyGeometry {
+    /// Pixel-interleaved integer samples: one pass over each row, scattering the chosen bands.
+    fn copy_chunky<T: Sample>(&self, chunk: &[T], bands: &[usize], out: &mut [f32]) {
+        let n_rows = self.rows.len();
+        let y_lo = self.rows.start.max(self.place.y0);
+        let y_hi = self.rows.end.min(self.place.y0 + self.h);
+        let plane = n_rows * self.width;
+        for y in y_lo..y_hi {
+            let src = &chunk[(y - self.place.y0) * self.w * self.spp..][..self.w * self.spp];
+            let row = (y - self.rows.start) * self.width + self.place.x0;
+            for (x, px) in src.chunks_exact(self.spp).enumerate() {
+                for (c, &band) in bands.iter().enumerate() {
+                    out[c * plane + row + x] = px[band].to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// A sample type the decoder returns.
+trait Sample: Copy {
+    /// Whether the type can hold NaN and infinities.
+    const FLOAT: bool = false;
+    fn to_f32(self) -> f32;
+}
+
+macro_rules! integer_sample {
+    ($($t:ty),*) => {$(
+        impl Sample for $t {
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+        }
+    )*};
+}
+integer_sample!(u8, u16, u32, i8, i16, i32);
+
+impl Sample for f32 {
+    const FLOAT: bool = true;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Sample for f64 {
+    const FLOAT: bool = true;
+    fn to_f32(self) -> f32 {
+        self as f32
     }
 }
 
@@ -281,7 +382,7 @@ fn sample_bytes(chunk: &DecodingResult) -> usize {
 /// This second pass costs one more inflate per deflate chunk (chunks are decoded once, see the cache).
 fn check_inflated_size(
     path: &Path,
-    reader: &mut BufReader<File>,
+    reader: &mut FileReader,
     range: Option<(u64, u64)>,
     index: u32,
     decoded_bytes: u64,
@@ -302,12 +403,13 @@ fn check_inflated_size(
 }
 
 /// Open the file and reject empty and non-TIFF files before the decoder sees them.
-fn open_checked(path: &Path) -> Result<File, TileError> {
-    let mut file = File::open(path).map_err(|e| TileError::io(path, e))?;
+fn open_checked(path: &Path) -> Result<FileReader, TileError> {
+    let file = File::open(path).map_err(|e| TileError::io(path, e))?;
     let len = file.metadata().map_err(|e| TileError::io(path, e))?.len();
     if len == 0 {
         return Err(TileError::Empty { path: path.to_path_buf() });
     }
+    let mut file = FileReader::new(file, len).map_err(|e| TileError::io(path, e))?;
     let mut header = [0u8; 4];
     let n = read_up_to(&mut file, &mut header).map_err(|e| TileError::io(path, e))?;
     let header = &header[..n];
@@ -326,7 +428,7 @@ fn open_checked(path: &Path) -> Result<File, TileError> {
 /// Width, height and samples per pixel from the first IFD, read without the decoder, so that an
 /// oversized image is refused before the decoder builds anything for it. `None` when the IFD
 /// cannot be read this way (the decoder then reports why).
-fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
+fn peek_dimensions(file: &mut FileReader) -> Option<(usize, usize, usize)> {
     file.seek(SeekFrom::Start(0)).ok()?;
     let mut header = [0u8; 16];
     read_up_to(file, &mut header).ok()?;
@@ -367,7 +469,7 @@ fn peek_dimensions(file: &mut File) -> Option<(usize, usize, usize)> {
     Some((w?, h?, spp))
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..])? {
@@ -380,7 +482,7 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn read_meta(
     path: &Path,
-    d: &mut Decoder<BufReader<File>>,
+    d: &mut Decoder<FileReader>,
     cfg: &TileConfig,
 ) -> Result<(TiffMeta, u16), TileError> {
     let width = guard(path, || d.get_tag_u32(Tag::ImageWidth))? as usize;
@@ -534,7 +636,7 @@ fn gdal_descriptions(xml: &str, samples: usize) -> Vec<Option<String>> {
     out
 }
 
-fn read_georef(path: &Path, d: &mut Decoder<BufReader<File>>) -> Result<Option<Georef>, TileError> {
+fn read_georef(path: &Path, d: &mut Decoder<FileReader>) -> Result<Option<Georef>, TileError> {
     let scale = guard(path, || d.find_tag(Tag::ModelPixelScaleTag))?.and_then(|v| v.into_f64_vec().ok());
     let tie = guard(path, || d.find_tag(Tag::ModelTiepointTag))?.and_then(|v| v.into_f64_vec().ok());
     let keys = guard(path, || d.find_tag(Tag::GeoKeyDirectoryTag))?.and_then(|v| v.into_u16_vec().ok());

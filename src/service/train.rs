@@ -1,0 +1,123 @@
+//! `dinostream train`: DINO over a fixed folder of tiles (no watching). Every patch of the folder
+//! is read once into memory, a feeder thread streams them in a fresh seeded order each epoch into
+//! the augmentation pool, and the trainer takes the pool's batches for `steps` steps, then writes a
+//! checkpoint. For data that keeps arriving, `serve` is the command.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use crossbeam_channel::{Sender, bounded};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::augment::{AugmentPool, Augmenter, Sample};
+use crate::config::Config;
+use crate::dino::schedule::ScheduleSpan;
+use crate::dino::{StepReport, Trainer, TrainerSetup, checkpoint};
+use crate::tile::{self, Patch};
+
+/// What `train` was asked to do.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    /// Folder (or single tile) with the training data.
+    pub data: PathBuf,
+    /// Optimizer steps to run.
+    pub steps: usize,
+    /// Where the final checkpoint goes.
+    pub checkpoint: PathBuf,
+}
+
+/// Reports training progress to the caller (the CLI draws a progress bar).
+pub trait Progress {
+    /// Called after every step with the report and the samples/s since the start.
+    fn step(&mut self, report: &StepReport, samples_per_sec: f64);
+}
+
+/// Run `job` with `cfg`; returns the last step's report.
+pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<StepReport> {
+    let patches = load_patches(&job.data, cfg)?;
+    let batch_size = cfg.train.batch_size;
+    let span = ScheduleSpan::for_steps(job.steps, patches.len(), batch_size);
+    let setup = TrainerSetup::new(&cfg.model, &cfg.train, &cfg.tile.bands, cfg.augment.local_crops, span)?;
+    let device = crate::model::device(cfg.train.device)?;
+    let mut trainer = Trainer::new(setup, &device)?;
+    log::info!(
+        "training {} on {} patches from {}: {} steps of {batch_size} samples on {device:?}",
+        cfg.model.preset,
+        patches.len(),
+        job.data.display(),
+        job.steps
+    );
+    let last = train_steps(cfg, patches, job.steps, &mut trainer, progress)?;
+    checkpoint::save(&job.checkpoint, &trainer)
+        .with_context(|| format!("{}: cannot write the checkpoint", job.checkpoint.display()))?;
+    log::info!("checkpoint of step {} written to {}", last.step, job.checkpoint.display());
+    Ok(last)
+}
+
+/// Every patch of every input under `data`; bad inputs are logged and skipped.
+fn load_patches(data: &Path, cfg: &Config) -> Result<Vec<Arc<Patch>>> {
+    let inputs = if data.is_dir() { tile::list_inputs(data)? } else { vec![tile::Input::detect(data)?] };
+    let mut patches = Vec::new();
+    for input in &inputs {
+        match tile::read_patches(input, &cfg.tile) {
+            Ok(found) => patches.extend(found.into_iter().map(Arc::new)),
+            Err(err) => log::warn!("skipped: {err}"),
+        }
+    }
+    if patches.is_empty() {
+        bail!(
+            "{}: no usable patches among {} inputs; check the folder, `--layout` and `tile.bands`",
+            data.display(),
+            inputs.len()
+        );
+    }
+    Ok(patches)
+}
+
+/// Feed the pool and step the trainer `steps` times.
+fn train_steps(
+    cfg: &Config,
+    patches: Vec<Arc<Patch>>,
+    steps: usize,
+    trainer: &mut Trainer,
+    progress: &mut dyn Progress,
+) -> Result<StepReport> {
+    let augmenter = Arc::new(Augmenter::new(&cfg.augment, &cfg.tile.bands)?);
+    let (tx, rx) = bounded(cfg.train.batch_size);
+    let seed = cfg.augment.seed;
+    let feeder = thread::Builder::new().name("feeder".into()).spawn(move || feed(patches, seed, tx))?;
+    let mut pool = AugmentPool::from_config(&cfg.augment, augmenter, rx, cfg.train.batch_size)?;
+    let start = Instant::now();
+    let mut last = None;
+    for done in 1..=steps {
+        let batch = pool.recv().context("the augmentation pool stopped")??;
+        let report = trainer.step(&batch)?;
+        let rate = (done * cfg.train.batch_size) as f64 / start.elapsed().as_secs_f64();
+        progress.step(&report, rate);
+        last = Some(report);
+    }
+    drop(pool);
+    let _ = feeder.join();
+    last.context("no step was run (steps = 0)")
+}
+
+/// Stream the patches, reshuffled each epoch, as numbered samples until the pool hangs up.
+fn feed(patches: Vec<Arc<Patch>>, seed: u64, tx: Sender<Sample>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..patches.len()).collect();
+    let mut id = 0u64;
+    loop {
+        order.shuffle(&mut rng);
+        for &i in &order {
+            if tx.send(Sample { id, patch: Arc::clone(&patches[i]) }).is_err() {
+                return;
+            }
+            id += 1;
+        }
+    }
+}
