@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine, CPU only: build dinostream, then run it on the bundled real
-# Sentinel-2 sample tiles (tests/data): inspect them, render the multi-crop preview, and train the
-# ViT-tiny DINO model on them for a few steps, writing a checkpoint to ./demo-out/.
-# (The streaming service replaces the training step here once `serve` lands.)
+# The main job on a fresh machine, CPU only: build dinostream, then run the streaming service on the
+# bundled real Sentinel-2 sample tiles (tests/data): the tiles are dropped into a watched folder and
+# `dinostream serve` trains the ViT-tiny DINO model on them, logging one status line per step, and
+# stops cleanly after DEMO_STEPS steps with a checkpoint in ./demo-out/state/checkpoints/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo-out}
-STEPS=${DEMO_STEPS:-20}
+STEPS=${DEMO_STEPS:-6}
 mkdir -p "$OUT"
 cargo build --release --locked
 BIN=target/release/dinostream
@@ -18,7 +18,9 @@ echo "== inspect: bundled BigEarthNet folders and EuroSAT tiles"
 echo "== preview: the 8 DINO views of one tile -> $OUT/crops.png"
 "$BIN" preview --input "$(ls -d tests/data/bigearthnet-s2/*/ | head -n 1)" --out "$OUT/crops.png" --seed 7
 
-echo "== train: ViT-tiny/8 DINO on the bundled tiles, $STEPS steps on the CPU"
-"$BIN" train --data tests/data/bigearthnet-s2 --steps "$STEPS" --model vit-tiny-p8 \
-    --batch-size 8 --checkpoint "$OUT/checkpoint"
-echo "checkpoint written to $OUT/checkpoint"
+echo "== serve: watch $OUT/incoming, train ViT-tiny/8 for $STEPS steps on the CPU"
+rm -rf "$OUT/incoming" "$OUT/state" && mkdir -p "$OUT/incoming"
+cp -r tests/data/bigearthnet-s2/S2A_* "$OUT/incoming/"
+"$BIN" --config scripts/demo.toml serve --watch "$OUT/incoming" --state "$OUT/state" \
+    --exports "$OUT/exports" --model vit-tiny-p8 --device cpu --max-steps "$STEPS"
+echo "status: $OUT/state/status.json; checkpoints: $OUT/state/checkpoints/"

@@ -52,6 +52,8 @@ pub struct LayoutArg {
 pub enum Command {
     /// Print the effective configuration (file + defaults) as TOML after validating it.
     Config,
+    /// Watch a folder and train continually: the service systemd runs (see deploy/).
+    Serve(ServeArgs),
     /// Describe tiles and BigEarthNet folders: format, size, bands, layout, georeference, statistics.
     Inspect(InspectArgs),
     /// Render the 8 augmented DINO views of one patch as a 2x4 PNG grid.
@@ -121,6 +123,61 @@ pub struct InspectArgs {
     pub json: bool,
     #[command(flatten)]
     pub layout: LayoutArg,
+}
+
+/// `dinostream serve`: flags override the config file's keys of the same name.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Folder to watch for tiles (`stream.watch_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub watch: Option<PathBuf>,
+    /// Folder for the ledger, checkpoints and status.json (`serve.state_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Folder ONNX exports are published to (`serve.exports_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub exports: Option<PathBuf>,
+    /// Model preset name or TOML path (`model.preset`), e.g. vit-tiny-p8.
+    #[arg(long, value_name = "PRESET")]
+    pub model: Option<String>,
+    /// Where to train (`train.device`).
+    #[arg(long, value_enum)]
+    pub device: Option<crate::config::Device>,
+    /// Stop cleanly with a checkpoint after this many steps in total (`serve.max_steps`).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Put the flags given on top of `cfg` and validate the result.
+    fn apply(&self, cfg: &mut Config) -> Result<(), ConfigError> {
+        if let Some(dir) = &self.watch {
+            cfg.stream.watch_dir = dir.clone();
+        }
+        if let Some(dir) = &self.state {
+            cfg.serve.state_dir = dir.clone();
+        }
+        if let Some(dir) = &self.exports {
+            cfg.serve.exports_dir = dir.clone();
+        }
+        if let Some(preset) = &self.model {
+            cfg.model.preset = preset.clone();
+        }
+        if let Some(device) = self.device {
+            cfg.train.device = device;
+        }
+        if let Some(n) = self.max_steps {
+            cfg.serve.max_steps = Some(n);
+        }
+        cfg.validate().map_err(|errors| ConfigError::Invalid { path: None, errors })
+    }
+}
+
+/// `serve`: run the service until SIGTERM/SIGINT or `--max-steps`.
+fn serve(mut cfg: Config, args: &ServeArgs) -> Result<()> {
+    args.apply(&mut cfg)?;
+    let stop = crate::service::signal::StopFlag::from_signals()?;
+    crate::service::serve(&cfg, stop)
 }
 
 /// Where to find ONNX Runtime and whether to use CUDA.
@@ -235,6 +292,7 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", cfg.to_toml());
             Ok(())
         }
+        Command::Serve(args) => serve(cfg, &args),
         Command::Inspect(args) => inspect(cfg, &args),
         Command::Preview(args) => preview(cfg, &args),
         Command::Train(args) => train(cfg, &args),

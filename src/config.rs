@@ -26,6 +26,8 @@ pub struct Config {
     pub train: TrainConfig,
     /// The watched folder, the tile ledger and the replay buffer.
     pub stream: StreamConfig,
+    /// The long-running service: state folder, continual schedules, checkpoints, status.
+    pub serve: ServeConfig,
     /// ONNX export of the teacher backbone and its verified publishing (`serve`).
     pub export: ExportConfig,
 }
@@ -323,6 +325,83 @@ impl Default for StreamConfig {
     }
 }
 
+/// How a value moves over `serve.horizon_steps`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// Stays at its start value.
+    Constant,
+    /// Half-cosine from its start value to its end value over the horizon, then holds the end.
+    Cosine,
+}
+
+/// The service (`[serve]`): where it keeps state, the continual (step-based, epoch-free)
+/// schedules, checkpoints and reporting. Start values of the schedules come from `[train]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Folder for the ledger, checkpoints and status.json (created when missing).
+    pub state_dir: PathBuf,
+    /// Folder the ONNX exports are published to (used by the export stage).
+    pub exports_dir: PathBuf,
+    /// Learning rate rises linearly from 0 to `train.lr * batch_size / 256` over this many steps,
+    /// then stays constant.
+    pub warmup_steps: u64,
+    /// With `max_steps` set: the learning rate falls along a half-cosine to `train.min_lr` over
+    /// this many final steps (0 = no cooldown).
+    pub cooldown_steps: u64,
+    /// Steps the cosine schedules span (weight decay, teacher momentum); past it they hold their
+    /// end value.
+    pub horizon_steps: u64,
+    /// Weight decay: `constant` (`train.weight_decay`) or `cosine` (to `train.weight_decay_end`).
+    pub weight_decay_schedule: Shape,
+    /// Teacher momentum: `constant` (`train.momentum_teacher`) or `cosine` (to 1).
+    pub momentum_schedule: Shape,
+    /// Teacher temperature rises linearly from `train.warmup_teacher_temp` to `train.teacher_temp`
+    /// over this many steps.
+    pub teacher_temp_warmup_steps: u64,
+    /// The head's last layer gets no updates in the first this many steps.
+    pub freeze_last_layer_steps: u64,
+    /// Write a checkpoint every this many steps (0 = only by time and at shutdown).
+    pub checkpoint_every_steps: u64,
+    /// Write a checkpoint at least every this many seconds of training (0 = only by steps).
+    pub checkpoint_every_secs: u64,
+    /// Checkpoints kept; older ones are deleted once a new one is complete.
+    pub keep_checkpoints: usize,
+    /// After SIGTERM/SIGINT, finish the step, checkpoint and exit within this many seconds; past
+    /// it the process exits with status 1 and an error line.
+    pub graceful_shutdown_limit_secs: u64,
+    /// One status line, status.json and STATUS= every this many steps.
+    pub status_every_steps: u64,
+    /// Serve Prometheus text on `127.0.0.1:<port>/metrics` (unset: no endpoint).
+    pub metrics_port: Option<u16>,
+    /// Stop cleanly (checkpoint, exit 0) after this many steps in total (unset: run until stopped).
+    pub max_steps: Option<u64>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            state_dir: PathBuf::from("state"),
+            exports_dir: PathBuf::from("exports"),
+            warmup_steps: 1000,
+            cooldown_steps: 0,
+            horizon_steps: 100_000,
+            weight_decay_schedule: Shape::Constant,
+            momentum_schedule: Shape::Constant,
+            teacher_temp_warmup_steps: 1000,
+            freeze_last_layer_steps: 1000,
+            checkpoint_every_steps: 500,
+            checkpoint_every_secs: 600,
+            keep_checkpoints: 3,
+            graceful_shutdown_limit_secs: 30,
+            status_every_steps: 10,
+            metrics_port: None,
+            max_steps: None,
+        }
+    }
+}
+
 /// ONNX export settings (`[export]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -435,6 +514,7 @@ impl Config {
         self.train.check(&mut v);
         self.export.check(&mut v);
         self.stream.check(&mut v);
+        self.serve.check(&mut v);
         if v.errors.is_empty() { Ok(()) } else { Err(v.errors) }
     }
 
@@ -621,6 +701,34 @@ impl StreamConfig {
     }
 }
 
+impl ServeConfig {
+    fn check(&self, v: &mut Validator) {
+        for (key, dir) in [("serve.state_dir", &self.state_dir), ("serve.exports_dir", &self.exports_dir)] {
+            if dir.as_os_str().is_empty() {
+                v.fail(key, "is empty; name a folder, e.g. \"state\"".into());
+            }
+        }
+        v.positive("serve.horizon_steps", self.horizon_steps as usize);
+        v.positive("serve.keep_checkpoints", self.keep_checkpoints);
+        v.positive("serve.graceful_shutdown_limit_secs", self.graceful_shutdown_limit_secs as usize);
+        v.positive("serve.status_every_steps", self.status_every_steps as usize);
+        if self.checkpoint_every_steps == 0 && self.checkpoint_every_secs == 0 {
+            v.fail(
+                "serve.checkpoint_every_steps/checkpoint_every_secs",
+                "are both 0; set at least one so that training is saved while running".into(),
+            );
+        }
+        if let (Some(max), cooldown) = (self.max_steps, self.cooldown_steps)
+            && cooldown > max
+        {
+            v.fail("serve.cooldown_steps", format!("is {cooldown}; must not exceed serve.max_steps ({max})"));
+        }
+        if self.max_steps == Some(0) {
+            v.fail("serve.max_steps", "is 0; must be at least 1 (or unset to run until stopped)".into());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -735,5 +843,77 @@ mod tests {
             ]
         );
         assert!(errors_of("[stream]\nfresh_fraction = 1.5\n")[0].reason.contains("(0, 1]"));
+    }
+    #[test]
+    fn serve_section_defaults_match_the_docs() {
+        let cfg = Config::from_toml("").unwrap().serve;
+        assert_eq!(
+            (cfg.state_dir.as_path(), cfg.exports_dir.as_path()),
+            (Path::new("state"), Path::new("exports"))
+        );
+        assert_eq!((cfg.warmup_steps, cfg.cooldown_steps, cfg.horizon_steps), (1000, 0, 100_000));
+        assert_eq!((cfg.weight_decay_schedule, cfg.momentum_schedule), (Shape::Constant, Shape::Constant));
+        assert_eq!((cfg.teacher_temp_warmup_steps, cfg.freeze_last_layer_steps), (1000, 1000));
+        assert_eq!(
+            (cfg.checkpoint_every_steps, cfg.checkpoint_every_secs, cfg.keep_checkpoints),
+            (500, 600, 3)
+        );
+        assert_eq!((cfg.graceful_shutdown_limit_secs, cfg.status_every_steps), (30, 10));
+        assert_eq!((cfg.metrics_port, cfg.max_steps), (None, None));
+    }
+
+    #[test]
+    fn serve_keys_are_overridden_and_schedule_shapes_read_in_lowercase() {
+        let cfg = Config::from_toml(
+            "[serve]\nmomentum_schedule = \"cosine\"\nweight_decay_schedule = \"cosine\"\nmetrics_port = 9100\nmax_steps = 7\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.serve.momentum_schedule, cfg.serve.weight_decay_schedule),
+            (Shape::Cosine, Shape::Cosine)
+        );
+        assert_eq!((cfg.serve.metrics_port, cfg.serve.max_steps), (Some(9100), Some(7)));
+        assert!(
+            Config::from_toml("[serve]\nmomentum_schedule = \"linear\"\n").unwrap_err().contains("linear")
+        );
+    }
+
+    #[test]
+    fn every_invalid_serve_value_is_reported_with_its_key() {
+        let errs = errors_of(
+            "[serve]\nstate_dir = \"\"\nhorizon_steps = 0\nkeep_checkpoints = 0\ngraceful_shutdown_limit_secs = 0\nstatus_every_steps = 0\ncheckpoint_every_steps = 0\ncheckpoint_every_secs = 0\nmax_steps = 3\ncooldown_steps = 5\n",
+        );
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "serve.state_dir",
+                "serve.horizon_steps",
+                "serve.keep_checkpoints",
+                "serve.graceful_shutdown_limit_secs",
+                "serve.status_every_steps",
+                "serve.checkpoint_every_steps/checkpoint_every_secs",
+                "serve.cooldown_steps"
+            ]
+        );
+        assert_eq!(errors_of("[serve]\nmax_steps = 0\n")[0].key, "serve.max_steps");
+    }
+
+    #[test]
+    fn deploy_config_parses_and_documents_every_key() {
+        let text = include_str!("../deploy/config.toml");
+        let cfg = Config::from_toml(text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.stream.watch_dir, Path::new("/srv/dinostream/incoming"));
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        for (section, keys) in &defaults {
+            assert!(text.contains(&format!("[{section}]")), "deploy/config.toml lacks [{section}]");
+            for key in keys.as_table().unwrap().keys() {
+                assert!(text.contains(&format!("\n{key} = ")), "deploy/config.toml lacks {section}.{key}");
+            }
+        }
+        for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = "] {
+            assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
+        }
     }
 }

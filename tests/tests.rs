@@ -12,3 +12,4 @@ mod ingest;
 mod stream;
 mod dino;
 mod export;
+mod serve;

@@ -159,6 +159,8 @@ impl AdamW {
         let denom = ((exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + eps)?;
         let theta = (theta + ((&exp_avg * -step_size)? / denom)?)?;
         p.var.set(&theta)?;
-        Ok(Moments { exp_avg, exp_avg_sq, step })
+        // Detached: the gradients carry the step's autograd graph, and moments chained across
+        // steps would keep every step's activations alive (memory grows with each step).
+        Ok(Moments { exp_avg: exp_avg.detach(), exp_avg_sq: exp_avg_sq.detach(), step })
     }
 }

@@ -161,6 +161,13 @@ impl Trainer {
         self.step_crops(&crops)
     }
 
+    /// One step on a batch from the augmenter with explicit settings (the service's continual
+    /// schedules).
+    pub fn step_batch_with(&mut self, batch: &Batch, settings: &StepSettings) -> anyhow::Result<StepReport> {
+        let crops = self.upload(batch)?;
+        self.step_with(&crops, settings)
+    }
+
     /// One step on crops already on the device (`[B, C, H, W]` each, globals first).
     pub fn step_crops(&mut self, crops: &[Tensor]) -> anyhow::Result<StepReport> {
         let settings = self.schedules.at(self.state.step);

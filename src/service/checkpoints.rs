@@ -1,0 +1,190 @@
+//! The service's checkpoints: one folder per saved step under `<state_dir>/checkpoints/`,
+//! `step-<step>/`, holding the trainer ([`crate::dino::checkpoint`]: weights, optimiser moments,
+//! centre, RNG) and `serve.bin` (the mixer's whole state and the augmentation sample counter).
+//!
+//! A checkpoint is written into `.partial-step-<step>/` and renamed into place once every file is
+//! complete and synced ([`fsio::rename_durable`]), so the previous checkpoint stays valid until
+//! the new one exists. Only then are checkpoints beyond the newest `keep` deleted. Loading takes the
+//! newest folder that reads back completely and skips (with a warning) any that do not.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::dino::{Trainer, checkpoint};
+use crate::fsio;
+use crate::stream::MixerState;
+
+/// Folder (under the state folder) holding the checkpoints.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The service's own part of a checkpoint.
+pub const SERVE_FILE: &str = "serve.bin";
+const PARTIAL_PREFIX: &str = ".partial-";
+const STEP_PREFIX: &str = "step-";
+const FORMAT: u32 = 1;
+
+/// Everything besides the trainer that a bit-exact resume needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServeState {
+    /// Format version of `serve.bin`.
+    pub format: u32,
+    /// The step this state belongs to (must match the trainer's).
+    pub step: u64,
+    /// The next augmentation sample id (each sample's views are seeded by its id).
+    pub next_sample_id: u64,
+    /// The mixer: RNG, replay buffer, fresh queue, per-tile progress.
+    pub mixer: MixerState,
+}
+
+impl ServeState {
+    /// A state for `step`.
+    pub fn new(step: u64, next_sample_id: u64, mixer: MixerState) -> ServeState {
+        ServeState { format: FORMAT, step, next_sample_id, mixer }
+    }
+}
+
+/// A checkpoint read back.
+pub struct Resumed {
+    /// The trainer, ready for its next step.
+    pub trainer: Trainer,
+    /// The service state of the same step.
+    pub state: ServeState,
+    /// Where it was read from.
+    pub dir: PathBuf,
+}
+
+/// The checkpoints folder of a state folder.
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(CHECKPOINTS_DIR)
+}
+
+/// Write a checkpoint of `trainer` and `state` and keep the newest `keep`. Returns its folder.
+pub fn save(state_dir: &Path, trainer: &Trainer, state: &ServeState, keep: usize) -> Result<PathBuf> {
+    let root = dir(state_dir);
+    let name = format!("{STEP_PREFIX}{:012}", state.step);
+    let partial = root.join(format!("{PARTIAL_PREFIX}{name}"));
+    let done = root.join(&name);
+    remove_dir(&partial)?;
+    checkpoint::save(&partial, trainer)
+        .with_context(|| format!("{}: writing the trainer", partial.display()))?;
+    let bytes = postcard::to_stdvec(state).expect("the service state is plain data");
+    let serve_file = partial.join(SERVE_FILE);
+    fsio::write_atomic(&serve_file, &bytes)
+        .with_context(|| format!("{}: cannot write", serve_file.display()))?;
+    remove_dir(&done)?;
+    fsio::rename_durable(&partial, &done)
+        .with_context(|| format!("{}: cannot rename into {}", partial.display(), done.display()))?;
+    prune(&root, keep);
+    Ok(done)
+}
+
+/// The newest checkpoint that reads back completely, or `None` when there is none.
+pub fn load_newest(state_dir: &Path, device: &Device) -> Result<Option<Resumed>> {
+    let root = dir(state_dir);
+    for dir in list(&root)?.into_iter().rev() {
+        match load(&dir, device) {
+            Ok(state) => return Ok(Some(state)),
+            Err(e) => log::warn!("{}: skipping this checkpoint: {e:#}", dir.display()),
+        }
+    }
+    Ok(None)
+}
+
+fn load(dir: &Path, device: &Device) -> Result<Resumed> {
+    let trainer = checkpoint::load(dir, device)?;
+    let path = dir.join(SERVE_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let state: ServeState = postcard::from_bytes(&bytes)
+        .with_context(|| format!("{}: not a dinostream service state", path.display()))?;
+    if state.format != FORMAT {
+        anyhow::bail!("{}: format {} (this build reads {FORMAT})", path.display(), state.format);
+    }
+    if state.step != trainer.state().step {
+        anyhow::bail!(
+            "{}: step {} but the trainer is at step {}",
+            path.display(),
+            state.step,
+            trainer.state().step
+        );
+    }
+    Ok(Resumed { trainer, state, dir: dir.to_path_buf() })
+}
+
+/// Complete checkpoint folders, oldest first.
+fn list(root: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot list checkpoints", root.display())),
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let step = name.strip_prefix(STEP_PREFIX)?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Delete all but the newest `keep` checkpoints (failures are logged: an old checkpoint left
+/// behind costs disk space, nothing else).
+fn prune(root: &Path, keep: usize) {
+    let all = list(root).unwrap_or_default();
+    for old in &all[..all.len().saturating_sub(keep.max(1))] {
+        if let Err(e) = std::fs::remove_dir_all(old) {
+            log::warn!("{}: cannot delete this old checkpoint: {e}", old.display());
+        }
+    }
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("{}: cannot remove", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StreamConfig;
+    use crate::dino::step::tests::micro_trainer;
+    use crate::stream::Mixer;
+
+    fn state(step: u64) -> ServeState {
+        ServeState::new(step, 7 * step, Mixer::new(&StreamConfig::default(), step).state())
+    }
+
+    #[test]
+    fn the_newest_complete_checkpoint_is_loaded_and_only_the_last_k_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let trainer = micro_trainer();
+        for step in [0, 0] {
+            save(dir.path(), &trainer, &state(step), 2).unwrap();
+        }
+        let resumed = load_newest(dir.path(), &Device::Cpu).unwrap().unwrap();
+        assert_eq!(resumed.state, state(0));
+        assert!(resumed.dir.ends_with("step-000000000000"));
+        assert_eq!(list(&super::dir(dir.path())).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_newest_checkpoint_is_skipped_for_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let trainer = micro_trainer();
+        save(dir.path(), &trainer, &state(0), 3).unwrap();
+        let fake = super::dir(dir.path()).join("step-000000000009");
+        std::fs::create_dir_all(&fake).unwrap();
+        std::fs::write(fake.join(SERVE_FILE), b"garbage").unwrap();
+        let resumed = load_newest(dir.path(), &Device::Cpu).unwrap().unwrap();
+        assert_eq!(resumed.state.step, 0);
+        assert!(load_newest(&dir.path().join("nothing"), &Device::Cpu).unwrap().is_none());
+    }
+}

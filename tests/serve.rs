@@ -1,0 +1,297 @@
+//! `dinostream serve` end to end: the real binary on temporary folders with the micro preset.
+//! Files dropped while running (slow writes, renames, garbage, broken TIFFs), a burst, SIGTERM,
+//! kill -9 and restart, and the bit-exact resume.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tiff_writer::{TiffSpec, tiff_bytes};
+use crate::util;
+
+/// A service folder: `incoming/`, `state/`, `config.toml` and the service's log.
+struct Service {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    runs: usize,
+}
+
+/// The micro test configuration; the extras are appended to `[serve]` and `[stream]`.
+fn config(serve_extra: &str, batch_size: usize, stream_extra: &str) -> String {
+    format!(
+        "[tile]\npatch_px = 32\nstride_px = 32\n\
+         [augment]\nglobal_px = 32\nlocal_px = 16\nlocal_crops = 2\nworkers = 1\n\
+         [model]\npreset = \"{}\"\n\
+         [train]\nbatch_size = {batch_size}\nlog_every_steps = 1\n\
+         [stream]\nwatch_dir = \"incoming\"\nsettle_ms = 100\nrescan_secs = 2\n{stream_extra}\n\
+         [serve]\nwarmup_steps = 2\nteacher_temp_warmup_steps = 2\nfreeze_last_layer_steps = 1\n\
+         status_every_steps = 1\ngraceful_shutdown_limit_secs = 60\n{serve_extra}\n",
+        util::root().join("models/vit-micro-p8.toml").display()
+    )
+}
+
+impl Service {
+    fn new(config: &str) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("incoming")).unwrap();
+        fs::write(dir.path().join("config.toml"), config).unwrap();
+        Service { dir, child: None, runs: 0 }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Start `dinostream serve` with `args`; its stderr goes to `log-<n>.txt`.
+    fn start(&mut self, args: &[&str]) {
+        self.runs += 1;
+        let log = fs::File::create(self.log_path(self.runs)).unwrap();
+        let child = Command::new(util::bin())
+            .args(["--config", "config.toml", "serve"])
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dinostream");
+        self.child = Some(child);
+    }
+
+    fn log_path(&self, run: usize) -> PathBuf {
+        self.path(&format!("log-{run}.txt"))
+    }
+
+    /// This run's log so far.
+    fn log(&self) -> String {
+        fs::read_to_string(self.log_path(self.runs)).unwrap_or_default()
+    }
+
+    /// Wait until `cond` holds (checked every 50 ms); panics with the log after `secs`.
+    fn wait_until(&mut self, what: &str, secs: u64, mut cond: impl FnMut(&Service) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond(self) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("service exited ({status}) while waiting for {what}\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// status.json as JSON (null when not written yet).
+    fn status(&self) -> serde_json::Value {
+        fs::read(self.path("state/status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn stat(&self, key: &str) -> u64 {
+        self.status()[key].as_u64().unwrap_or(0)
+    }
+
+    /// Send `signal` (TERM or KILL) to the running service.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success();
+        assert!(ok, "kill -{signal} {pid} failed");
+    }
+
+    /// Wait for the service to exit (at most `secs`).
+    fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("service did not exit within {secs} s\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Run to completion (`--max-steps`) and assert exit 0.
+    fn run_to_end(&mut self, args: &[&str]) {
+        self.start(args);
+        let status = self.wait_exit(90);
+        assert!(status.success(), "exit {status}\n{}", self.log());
+    }
+
+    /// The checkpoint folders, oldest first.
+    fn checkpoints(&self) -> Vec<PathBuf> {
+        let mut all: Vec<PathBuf> = fs::read_dir(self.path("state/checkpoints"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        all.sort();
+        all
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A 32x32 10-band u16 stacked TIFF of seeded noise (one 32 px patch).
+fn tile_bytes(seed: u64) -> Vec<u8> {
+    let spec = TiffSpec { width: 32, height: 32, bands: 10, rows_per_strip: 32, ..TiffSpec::default() };
+    tiff_bytes(&spec, |b, y, x| {
+        let h = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((b * 1024 + y * 32 + x) as u64))
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        200.0 + (h >> 52) as f64
+    })
+}
+
+/// Write tile `seed` as `<dir>/<name>` via a `.part` file and a rename (as a careful writer does).
+fn drop_tile(dir: &Path, name: &str, seed: u64) {
+    let part = dir.join(format!("{name}.part"));
+    fs::write(&part, tile_bytes(seed)).unwrap();
+    fs::rename(&part, dir.join(name)).unwrap();
+}
+
+/// The bundled real BigEarthNet patch folders copied into `dir` (9 patches of 32 px each).
+fn drop_bigearthnet(dir: &Path) {
+    let root = util::data("bigearthnet-s2");
+    for entry in fs::read_dir(&root).unwrap().flatten().filter(|e| e.path().is_dir()) {
+        let to = dir.join(entry.file_name());
+        fs::create_dir_all(&to).unwrap();
+        for file in fs::read_dir(entry.path()).unwrap().flatten() {
+            fs::copy(file.path(), to.join(file.file_name())).unwrap();
+        }
+    }
+}
+
+/// Every tensor of a checkpoint's safetensors file, by name, as raw bytes.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> =
+        st.tensors().into_iter().map(|(name, view)| (name, view.data().to_vec())).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_resumed_run_ends_with_bit_identical_weights_to_a_straight_one() {
+    let cfg = config("checkpoint_every_steps = 100\ncheckpoint_every_secs = 3600\n", 4, "");
+    let runs: Vec<Service> = [vec![5], vec![2, 5]]
+        .into_iter()
+        .map(|stops| {
+            let mut s = Service::new(&cfg);
+            drop_bigearthnet(&s.path("incoming"));
+            for i in 0..4 {
+                drop_tile(&s.path("incoming"), &format!("t{i:02}.tif"), i);
+            }
+            for stop in stops {
+                s.run_to_end(&["--max-steps", &stop.to_string()]);
+            }
+            s
+        })
+        .collect();
+    let last = |s: &Service| s.checkpoints().last().cloned().expect("a checkpoint");
+    let (straight, resumed) = (last(&runs[0]), last(&runs[1]));
+    assert!(straight.ends_with("step-000000000005") && resumed.ends_with("step-000000000005"));
+    assert!(runs[1].log().contains("resuming from"), "{}", runs[1].log());
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (tensors(&straight.join(file)), tensors(&resumed.join(file)));
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert!(x == y, "{file}: {name} differs between the straight and the resumed run");
+        }
+    }
+}
+
+#[test]
+fn files_dropped_while_running_are_trained_and_bad_ones_rejected_with_reasons() {
+    let mut s = Service::new(&config("checkpoint_every_steps = 2\n", 4, ""));
+    s.start(&[]);
+    s.wait_until("start-up", 30, |s| s.log().contains("serving"));
+    let incoming = s.path("incoming");
+    // A slow writer: half the file, a pause longer than the settle time, the rest.
+    let bytes = tile_bytes(100);
+    let mut slow = fs::File::create(incoming.join("slow.tif")).unwrap();
+    slow.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    slow.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    slow.write_all(&bytes[bytes.len() / 2..]).unwrap();
+    drop(slow);
+    for i in 0..6 {
+        drop_tile(&incoming, &format!("r{i}.tif"), 200 + i);
+    }
+    fs::write(incoming.join("garbage.tif"), b"this is not a TIFF").unwrap();
+    fs::write(incoming.join("notes.txt"), b"hello").unwrap();
+    let tiff = tile_bytes(300);
+    fs::write(incoming.join("broken.tif"), &tiff[..tiff.len() / 3]).unwrap();
+    s.wait_until("7 trained and 3 rejected", 60, |s| {
+        s.stat("tiles_trained") >= 7 && s.stat("tiles_rejected") == 3
+    });
+    for bad in ["garbage.tif", "notes.txt", "broken.tif"] {
+        let reason = fs::read_to_string(s.path("incoming/rejected").join(format!("{bad}.reason.txt")))
+            .unwrap_or_else(|e| panic!("{bad}: no reason file: {e}\n{}", s.log()));
+        assert!(!reason.trim().is_empty());
+        assert!(s.log().contains(&format!("{bad}: rejected")), "{}", s.log());
+    }
+    s.signal("TERM");
+    let status = s.wait_exit(60);
+    assert!(status.success(), "exit {status}\n{}", s.log());
+    assert!(!s.checkpoints().is_empty());
+}
+
+#[test]
+fn sigterm_during_training_finishes_the_step_checkpoints_and_exits_0() {
+    let mut s = Service::new(&config("checkpoint_every_steps = 1000\ncheckpoint_every_secs = 3600\n", 4, ""));
+    drop_bigearthnet(&s.path("incoming"));
+    s.start(&[]);
+    s.wait_until("the first step", 60, |s| s.stat("step") >= 1);
+    s.signal("TERM");
+    let status = s.wait_exit(60);
+    assert!(status.success(), "exit {status}\n{}", s.log());
+    let last = s.checkpoints().last().cloned().unwrap_or_else(|| panic!("no checkpoint\n{}", s.log()));
+    let step = s.stat("step");
+    assert!(last.ends_with(format!("step-{step:012}")), "{} vs step {step}", last.display());
+}
+
+#[test]
+fn after_kill_9_a_restart_resumes_from_the_last_checkpoint_and_loses_no_tile() {
+    let mut s = Service::new(&config("checkpoint_every_steps = 2\n", 4, ""));
+    for i in 0..14 {
+        drop_tile(&s.path("incoming"), &format!("k{i:02}.tif"), 400 + i);
+    }
+    s.start(&[]);
+    s.wait_until("step 3", 60, |s| s.stat("step") >= 3);
+    s.signal("KILL");
+    s.wait_exit(10);
+    assert!(!s.checkpoints().is_empty(), "{}", s.log());
+    s.start(&[]);
+    s.wait_until("resume", 30, |s| s.log().contains("resuming from"));
+    s.wait_until("every tile trained", 60, |s| s.stat("tiles_trained") == 14 && s.stat("tiles_pending") == 0);
+    assert_eq!((s.stat("tiles_seen"), s.stat("tiles_rejected")), (14, 0));
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+#[test]
+fn a_burst_of_many_small_tiles_is_all_trained() {
+    let n = 120;
+    let mut s = Service::new(&config("checkpoint_every_steps = 10\n", 8, "fresh_fraction = 1.0\n"));
+    s.start(&[]);
+    s.wait_until("start-up", 30, |s| s.log().contains("serving"));
+    for i in 0..n {
+        drop_tile(&s.path("incoming"), &format!("b{i:03}.tif"), 1000 + i);
+    }
+    s.wait_until("every tile trained", 90, |s| s.stat("tiles_trained") == n);
+    assert_eq!((s.stat("tiles_seen"), s.stat("tiles_rejected"), s.stat("tiles_pending")), (n, 0, 0));
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+}
