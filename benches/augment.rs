@@ -144,7 +144,8 @@ fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) 
         }
     });
     for _ in 0..2 {
-        pool.recycle(pool.recv().expect("batch").expect("bands match"));
+        let batch = pool.recv().expect("batch").expect("bands match");
+        pool.recycle(batch);
     }
     let rate = measure("/proc/self/stat", || {
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
