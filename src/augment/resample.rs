@@ -117,22 +117,20 @@ fn sample_grid(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: &[f64
     if affine[1] == 0.0 && affine[3] == 0.0 {
         return sample_separable(src, input, affine, xs, ys, out);
     }
-    // Rotated maps: the taps of one output row are computed once, then used for every channel.
+    // Rotated maps: each pixel's taps are computed once and used for every channel in turn.
     let plane_in = input.height * input.width;
-    let (n, plane_out) = (xs.len(), xs.len() * ys.len());
+    let plane_out = xs.len() * ys.len();
+    let offsets: Vec<usize> = input.planes.iter().map(|&c| c * plane_in).collect();
     let a = affine;
-    let mut taps = vec![Tap::default(); n];
     for (v, &y) in ys.iter().enumerate() {
-        for (t, &x) in taps.iter_mut().zip(xs) {
-            *t = tap(a[0] * x + a[1] * y + a[2], a[3] * x + a[4] * y + a[5], input.width, input.height);
-        }
-        for (k, &c) in input.planes.iter().enumerate() {
-            let plane = &src[c * plane_in..(c + 1) * plane_in];
-            let row = &mut out[k * plane_out + v * n..k * plane_out + (v + 1) * n];
-            for (o, t) in row.iter_mut().zip(&taps) {
-                let [i0, i1, i2, i3] = t.index.map(|i| i as usize);
-                let [w0, w1, w2, w3] = t.weight;
-                *o = plane[i0] * w0 + plane[i1] * w1 + plane[i2] * w2 + plane[i3] * w3;
+        for (u, &x) in xs.iter().enumerate() {
+            let t = tap(a[0] * x + a[1] * y + a[2], a[3] * x + a[4] * y + a[5], input.width, input.height);
+            let [i0, i1, i2, i3] = t.index.map(|i| i as usize);
+            let [w0, w1, w2, w3] = t.weight;
+            let at = v * xs.len() + u;
+            for (k, &off) in offsets.iter().enumerate() {
+                let plane = &src[off..off + plane_in];
+                out[k * plane_out + at] = plane[i0] * w0 + plane[i1] * w1 + plane[i2] * w2 + plane[i3] * w3;
             }
         }
     }
