@@ -130,7 +130,8 @@ fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> Rate {
     })
 }
 
-/// Whole batches through the pool, fed as fast as it takes samples.
+/// Whole batches through the pool, fed as fast as it takes samples; each batch is recycled, as
+/// the trainer does.
 fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) -> Rate {
     let (tx, rx) = bounded(2 * BATCH);
     let mut pool = AugmentPool::spawn(aug.clone(), rx, BATCH, workers, 4).expect("threads start");
@@ -143,13 +144,16 @@ fn pool(aug: &Arc<Augmenter>, patch: &Arc<Patch>, workers: usize, seconds: f64) 
         }
     });
     for _ in 0..2 {
-        pool.recv().expect("batch").expect("bands match");
+        let batch = pool.recv().expect("batch").expect("bands match");
+        pool.recycle(batch);
     }
     let rate = measure("/proc/self/stat", || {
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let mut n = 0;
         while Instant::now() < deadline {
-            n += pool.recv().expect("batch").expect("bands match").sample_ids.len() as u64;
+            let batch = pool.recv().expect("batch").expect("bands match");
+            n += batch.sample_ids.len() as u64;
+            pool.recycle(batch);
         }
         n
     });

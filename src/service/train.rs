@@ -97,6 +97,7 @@ fn train_steps(
     for done in 1..=steps {
         let batch = pool.recv().context("the augmentation pool stopped")??;
         let report = trainer.step(&batch)?;
+        pool.recycle(batch);
         let rate = (done * cfg.train.batch_size) as f64 / start.elapsed().as_secs_f64();
         progress.step(&report, rate);
         last = Some(report);
