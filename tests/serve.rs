@@ -27,7 +27,8 @@ fn config(serve_extra: &str, batch_size: usize, stream_extra: &str) -> String {
          [train]\nbatch_size = {batch_size}\nlog_every_steps = 1\n\
          [stream]\nwatch_dir = \"incoming\"\nsettle_ms = 100\nrescan_secs = 2\n{stream_extra}\n\
          [serve]\nwarmup_steps = 2\nteacher_temp_warmup_steps = 2\nfreeze_last_layer_steps = 1\n\
-         status_every_steps = 1\ngraceful_shutdown_limit_secs = 60\n{serve_extra}\n",
+         status_every_steps = 1\ngraceful_shutdown_limit_secs = 60\n{serve_extra}\n\
+         [export]\nenabled = false\n",
         util::root().join("models/vit-micro-p8.toml").display()
     )
 }
@@ -294,4 +295,23 @@ fn a_burst_of_many_small_tiles_is_all_trained() {
     assert_eq!((s.stat("tiles_seen"), s.stat("tiles_rejected"), s.stat("tiles_pending")), (n, 0, 0));
     s.signal("TERM");
     assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+#[test]
+fn checkpoints_publish_a_checked_latest_onnx_and_keep_the_previous() {
+    let Ok(ort) = dinostream::infer::runtime::LibrarySearch::standard(None).find() else {
+        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
+        return;
+    };
+    let cfg = config("checkpoint_every_steps = 2\n", 2, "")
+        .replace("[export]\nenabled = false\n", &format!("[export]\nonnxruntime = {:?}\nkeep = 2\n", ort));
+    let mut s = Service::new(&cfg);
+    drop_bigearthnet(&s.path("incoming"));
+    s.run_to_end(&["--max-steps", "4"]);
+    let latest: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.path("exports/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["metadata"]["training_step"], 4, "{latest}\n{}", s.log());
+    assert!(s.path("exports/latest.onnx").is_file() && s.path("exports/dinostream-step4.onnx").is_file());
+    assert!(s.path("exports/dinostream-step2.onnx").is_file(), "the previous export is kept (keep = 2)");
+    assert!(s.log().contains("published"), "{}", s.log());
 }

@@ -132,6 +132,10 @@ struct Service {
     interval: (Instant, u64),
     /// Tile counts of the last status report.
     reported_counts: Option<stream::Counts>,
+    /// Real patches of the latest batch: the probe an ONNX export must reproduce.
+    probe: Vec<Arc<Patch>>,
+    /// Step of the last published export.
+    last_export: Option<u64>,
 }
 
 impl Service {
@@ -189,6 +193,8 @@ impl Service {
             last_collapse: None,
             interval: (Instant::now(), step),
             reported_counts: None,
+            probe: Vec::new(),
+            last_export: None,
         };
         service.queue_pending()?;
         service.scan_folder()?;
@@ -314,6 +320,7 @@ impl Service {
     /// Mix one batch and send its samples to the pool; false when the mixer has no batch yet.
     fn mix(&mut self) -> Result<bool> {
         let Some(batch) = self.mixer.next_batch(self.cfg.train.batch_size) else { return Ok(false) };
+        self.probe = batch.patches.iter().take(self.cfg.export.probe_patches).cloned().collect();
         for patch in batch.patches {
             let sample = Sample { id: self.next_sample_id, patch };
             self.next_sample_id += 1;
@@ -385,13 +392,38 @@ impl Service {
             self.cfg.serve.keep_checkpoints,
         )?;
         log::info!("checkpoint {}", dir.display());
-        // EXPORT HOOK (ONNX export issue): publishing the teacher of `dir` to
-        // `serve.exports_dir` belongs here, after a complete checkpoint and before disposal.
+        if self.export_due() {
+            self.export(&dir);
+        }
         self.last_checkpoint = Some((self.step(), Instant::now()));
         for tile in std::mem::take(&mut self.to_dispose) {
             self.dispose_trained(tile);
         }
         Ok(())
+    }
+
+    /// Exports are due every `export.every_steps` (0: at every checkpoint) and at shutdown.
+    fn export_due(&self) -> bool {
+        let every = self.cfg.export.every_steps;
+        self.cfg.export.enabled
+            && (self.stopping() || every == 0 || self.last_export.is_none_or(|s| self.step() - s >= every))
+    }
+
+    /// Publish the teacher of checkpoint `dir`; a failure keeps the previous model published.
+    fn export(&mut self, dir: &Path) {
+        let exports = &self.cfg.serve.exports_dir;
+        match publish::publish_checkpoint(&self.cfg.export, exports, dir, &self.trainer, &self.probe) {
+            Ok(p) => {
+                log::info!(
+                    "published {} (max abs diff {:.2e}, min cosine {:.7})",
+                    p.model.display(),
+                    p.check.max_abs_diff,
+                    p.check.min_cosine
+                );
+                self.last_export = Some(self.step());
+            }
+            Err(e) => log::warn!("export of step {} not published: {e:#}", self.step()),
+        }
     }
 
     /// Move candidates and ingest results along without blocking (except to keep batches
