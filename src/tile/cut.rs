@@ -109,14 +109,11 @@ fn extract(rows: Rows, window: Window, bands: &[String], path: &Path) -> Patch {
 fn finish(mut data: Vec<f32>, window: Window, bands: &[String], path: &Path) -> Patch {
     let (w, h) = (window.width as usize, window.height as usize);
     let plane = h * w;
-    // Per pixel: bit 0 = some band is nodata, bit 1 = some band is a non-zero value.
-    let mut flags = vec![0u8; plane];
+    // Per pixel: bit 0 = some band is nodata, bit 1 = some band is a non-zero value. u32 like the
+    // samples, so the pass vectorises lane for lane.
+    let mut flags = vec![0u32; plane];
     for channel in data.chunks_exact_mut(plane) {
-        for (f, v) in flags.iter_mut().zip(channel.iter_mut()) {
-            let nodata = v.is_nan();
-            *f |= u8::from(nodata) | (u8::from(!nodata && *v != 0.0) << 1);
-            *v = if nodata { 0.0 } else { *v / 10000.0 };
-        }
+        scale_channel(channel, &mut flags);
     }
     let nodata = flags.iter().filter(|&&f| f != 2).count();
     Patch {
@@ -127,6 +124,18 @@ fn finish(mut data: Vec<f32>, window: Window, bands: &[String], path: &Path) -> 
         source: path.to_path_buf(),
         window,
         nodata_fraction: nodata as f32 / plane as f32,
+    }
+}
+
+/// One channel to reflectance (NaN to 0), marking its nodata and non-zero pixels in `flags`.
+/// Branch-free so that it vectorises.
+fn scale_channel(channel: &mut [f32], flags: &mut [u32]) {
+    for (v, f) in channel.iter_mut().zip(flags.iter_mut()) {
+        let x = *v;
+        let nodata = x.is_nan();
+        // `abs() > 0` is false for NaN and zero alike.
+        *f |= u32::from(nodata) | (u32::from(x.abs() > 0.0) << 1);
+        *v = if nodata { 0.0 } else { x / 10000.0 };
     }
 }
 

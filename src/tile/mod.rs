@@ -25,6 +25,7 @@ mod bigearthnet;
 mod cut;
 mod error;
 mod inspect;
+mod raw_strips;
 mod resample;
 mod stacked;
 mod tiff_file;

@@ -83,3 +83,44 @@ pub(crate) fn open(path: &Path, cfg: &TileConfig) -> Result<StackedSource, TileE
     let samples = select(path, &names, &cfg.bands)?;
     Ok(StackedSource { file, samples })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ops::ControlFlow;
+
+    use super::*;
+    use crate::tile::Patch;
+    use crate::tile::cut::cut_patches;
+
+    fn patches(source: &mut StackedSource, path: &Path, cfg: &TileConfig) -> Vec<Patch> {
+        let mut out = Vec::new();
+        cut_patches(source, &cfg.bands, path, cfg, &mut |p| {
+            out.push(p);
+            ControlFlow::Continue(())
+        })
+        .expect("bundled tile decodes");
+        out
+    }
+
+    /// Two paths that must agree get the same input (ripgrep's `SearcherTester` idea): the raw
+    /// strip path and the `tiff` crate path must give identical patches, for the whole tile and
+    /// for windows whose rows start and end inside strips.
+    #[test]
+    fn raw_strip_path_and_decoder_path_give_identical_patches_on_real_tiles() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eurosat-ms");
+        let whole = TileConfig { layout: "eurosat13".into(), ..TileConfig::default() };
+        let windows = TileConfig { patch_px: 24, stride_px: 13, max_nodata_fraction: 1.0, ..whole.clone() };
+        for name in ["AnnualCrop/AnnualCrop_1.tif", "Forest/Forest_1.tif", "SeaLake/SeaLake_8.tif"] {
+            let path = data.join(name);
+            for cfg in [&whole, &windows] {
+                let mut fast = open(&path, cfg).expect("bundled tile opens");
+                assert!(fast.file.has_fast_path(), "{name} should take the raw strip path");
+                let mut slow = open(&path, cfg).expect("bundled tile opens");
+                slow.file.disable_fast_path();
+                let (a, b) = (patches(&mut fast, &path, cfg), patches(&mut slow, &path, cfg));
+                assert!(!a.is_empty() && a.iter().any(|p| p.data.iter().any(|&v| v > 0.0)), "{name}");
+                assert_eq!(a, b, "{name} with patch_px {}", cfg.patch_px);
+            }
+        }
+    }
+}

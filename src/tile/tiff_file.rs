@@ -15,6 +15,7 @@ use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
 use super::TileError;
+use super::raw_strips::{RawStrips, StripLayout};
 use crate::config::TileConfig;
 
 /// The largest strip or tile the decoder may inflate at once. Files with bigger chunks (one strip
@@ -32,6 +33,14 @@ pub(crate) enum FileReader {
 }
 
 impl FileReader {
+    /// The whole file, when it is in memory.
+    fn in_memory(&self) -> Option<&[u8]> {
+        match self {
+            FileReader::Memory(c) => Some(c.get_ref()),
+            FileReader::Disk(_) => None,
+        }
+    }
+
     fn new(mut file: File, len: u64) -> std::io::Result<FileReader> {
         if len > SMALL_FILE_BYTES {
             return Ok(FileReader::Disk(BufReader::new(file)));
@@ -106,6 +115,8 @@ pub(crate) struct TiffFile {
     cache: Vec<(u32, DecodingResult)>,
     /// File offset and byte count of every chunk, read once for deflate files (bomb check).
     chunk_ranges: Option<(Vec<u64>, Vec<u64>)>,
+    /// Rows read straight from the file bytes (raw u16 strips), see [`RawStrips`].
+    raw: Option<RawStrips>,
 }
 
 impl TiffFile {
@@ -121,6 +132,10 @@ impl TiffFile {
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
         let mut decoder = guard(path, || Decoder::new(reader))?.with_limits(limits);
         let (meta, compression_code) = read_meta(path, &mut decoder, cfg)?;
+        let raw = match compression_code == 1 && raw_candidate(&meta) {
+            true => detect_raw_strips(&mut decoder, &meta),
+            false => None,
+        };
         Ok(TiffFile {
             path: path.to_path_buf(),
             meta,
@@ -128,7 +143,21 @@ impl TiffFile {
             compression_code,
             cache: Vec::new(),
             chunk_ranges: None,
+            raw,
         })
+    }
+
+    /// Read every row through the `tiff` crate, as files without the fast path do (tests that
+    /// compare both paths).
+    #[cfg(test)]
+    pub fn disable_fast_path(&mut self) {
+        self.raw = None;
+    }
+
+    /// Whether rows are read straight from the file bytes.
+    #[cfg(test)]
+    pub fn has_fast_path(&self) -> bool {
+        self.raw.is_some()
     }
 
     /// Fill `out` (`[bands.len(), rows.len(), width]`, sample values as f32 with NaN for nodata)
@@ -139,6 +168,12 @@ impl TiffFile {
         bands: &[usize],
         out: &mut [f32],
     ) -> Result<(), TileError> {
+        if let (Some(raw), Some(bytes)) = (&self.raw, self.decoder.inner().in_memory()) {
+            let nodata = self.meta.nodata.map(|v| v as f32);
+            if raw.read_rows(bytes, rows.clone(), bands, nodata, out) {
+                return Ok(());
+            }
+        }
         let (cw, ch) = self.meta.chunk;
         let across = self.meta.width.div_ceil(cw);
         let down = self.meta.height.div_ceil(ch);
@@ -400,6 +435,39 @@ fn check_inflated_size(
         });
     }
     Ok(())
+}
+
+/// Whether the header allows the raw strip path: pixel-interleaved u16 strips (the codec is
+/// checked by the caller).
+fn raw_candidate(meta: &TiffMeta) -> bool {
+    !meta.planar && !meta.tiled && meta.data_type == "u16"
+}
+
+/// The raw strip path for an uncompressed file in memory, when no decoder step would change the
+/// bytes (no predictor, BlackIsZero, a colour type the decoder reads at 16 bits) and the strips
+/// check out (see [`RawStrips::detect`]). Any tag the decoder cannot read means no fast path: the
+/// decoder path then reports it.
+fn detect_raw_strips(d: &mut Decoder<FileReader>, meta: &TiffMeta) -> Option<RawStrips> {
+    let plain = |d: &mut Decoder<FileReader>| -> tiff::TiffResult<bool> {
+        let predictor = d.find_tag_unsigned::<u16>(Tag::Predictor)?.unwrap_or(1);
+        let photometric = d.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation)?;
+        Ok(predictor == 1 && photometric == Some(1) && d.colortype()?.bit_depth() == 16)
+    };
+    let quiet = Path::new("");
+    if !guard(quiet, || plain(d)).unwrap_or(false) {
+        return None;
+    }
+    let offsets = guard(quiet, || d.get_tag_u64_vec(Tag::StripOffsets)).ok()?;
+    let byte_counts = guard(quiet, || d.get_tag_u64_vec(Tag::StripByteCounts)).ok()?;
+    let layout = StripLayout {
+        width: meta.width,
+        height: meta.height,
+        spp: meta.samples,
+        rows_per_strip: meta.chunk.1,
+        offsets: &offsets,
+        byte_counts: &byte_counts,
+    };
+    RawStrips::detect(d.inner().in_memory()?, &layout)
 }
 
 /// Open the file and reject empty and non-TIFF files before the decoder sees them.
@@ -711,6 +779,31 @@ mod tests {
             <Item name="DESCRIPTION" sample="1" role="description">B03</Item>
             <Item name="DESCRIPTION" sample="0" role="description">B02</Item></GDALMetadata>"#;
         assert_eq!(gdal_descriptions(xml, 3), [Some("B02".into()), Some("B03".into()), None]);
+    }
+
+    #[test]
+    fn raw_strip_path_and_decoder_path_read_the_same_bigearthnet_bands() {
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/bigearthnet-s2/S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57");
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&folder).expect("bundled folder").flatten().map(|e| e.path()).collect();
+        files.retain(|p| p.extension().is_some_and(|e| e == "tif"));
+        assert!(files.len() >= 10, "{}", folder.display());
+        for path in files {
+            let cfg = TileConfig::default();
+            let mut fast = TiffFile::open(&path, &cfg).expect("bundled band opens");
+            assert!(fast.has_fast_path(), "{} should take the raw strip path", path.display());
+            let mut slow = TiffFile::open(&path, &cfg).expect("bundled band opens");
+            slow.disable_fast_path();
+            let (w, h) = (fast.meta.width, fast.meta.height);
+            for rows in [0..h, 1..h - 1, h - 1..h] {
+                let mut a = vec![-1f32; rows.len() * w];
+                let mut b = vec![-2f32; rows.len() * w];
+                fast.read_rows(rows.clone(), &[0], &mut a).expect("fast path reads");
+                slow.read_rows(rows.clone(), &[0], &mut b).expect("decoder path reads");
+                assert_eq!(a, b, "{} rows {rows:?}", path.display());
+            }
+        }
     }
 
     #[test]
