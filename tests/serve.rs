@@ -315,3 +315,44 @@ fn checkpoints_publish_a_checked_latest_onnx_and_keep_the_previous() {
     assert!(s.path("exports/dinostream-step2.onnx").is_file(), "the previous export is kept (keep = 2)");
     assert!(s.log().contains("published"), "{}", s.log());
 }
+
+#[test]
+fn kill_9_during_export_never_leaves_a_partial_latest_onnx() {
+    let Ok(ort) = dinostream::infer::runtime::LibrarySearch::standard(None).find() else {
+        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
+        return;
+    };
+    let cfg = config("checkpoint_every_steps = 1\n", 2, "")
+        .replace("[export]\nenabled = false\n", &format!("[export]\nonnxruntime = {:?}\nkeep = 50\n", ort));
+    let mut s = Service::new(&cfg);
+    drop_bigearthnet(&s.path("incoming"));
+    s.start(&[]);
+    s.wait_until("a first export", 90, |s| s.path("exports/latest.onnx").is_file());
+    // Kill the moment an export is being written (a temporary file exists), or after 20 s anyway.
+    let exporting = |s: &Service| {
+        fs::read_dir(s.path("exports"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".tmp"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exporting(&s) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s.signal("KILL");
+    s.wait_exit(10);
+    let latest = fs::read(s.path("exports/latest.onnx")).unwrap();
+    let published: Vec<Vec<u8>> = fs::read_dir(s.path("exports"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("dinostream-step"))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".onnx"))
+        .map(|e| fs::read(e.path()).unwrap())
+        .collect();
+    assert!(published.contains(&latest), "latest.onnx is not one of the complete, checked exports");
+    let runtime = dinostream::infer::runtime::Runtime::get(
+        &dinostream::infer::runtime::LibrarySearch::standard(Some(ort.clone())),
+    )
+    .unwrap();
+    runtime.open(&s.path("exports/latest.onnx"), false).expect("latest.onnx loads in ONNX Runtime");
+}
