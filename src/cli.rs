@@ -200,7 +200,8 @@ pub struct ExportArgs {
     /// Output ONNX file.
     #[arg(long, value_name = "FILE.onnx")]
     pub out: PathBuf,
-    /// Input height and width; only the trained size until pos_embed interpolation is merged.
+    /// Input height and width (a multiple of the patch size); the positional embedding is resized
+    /// as in training (bicubic, DINO's scale factor) and baked in. Default: the preset's size.
     #[arg(long, value_name = "PX")]
     pub image_size: Option<usize>,
     /// What the model input holds: reflectance (normalised inside the graph) or normalized.
@@ -461,19 +462,29 @@ fn export_command(args: &ExportArgs) -> Result<()> {
     let path = args.checkpoint.join("model.safetensors");
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let contract = args.input_contract.parse().map_err(anyhow::Error::msg)?;
-    let (mut spec, weights) =
+    let (mut spec, mut weights) =
         crate::export::from_checkpoint(&bytes, contract).with_context(|| path.display().to_string())?;
     if let Some(px) = args.image_size.filter(|px| *px != spec.img_size) {
-        anyhow::bail!(
-            "--image-size {px}: only the trained size {} is supported until pos_embed interpolation (module `model`) is merged",
-            spec.img_size
-        );
+        if px % spec.patch_size != 0 {
+            anyhow::bail!("--image-size {px}: must be a multiple of the patch size {}", spec.patch_size);
+        }
+        let (shape, data) = resized_pos_embed(&args.checkpoint, px)?;
+        weights.insert("pos_embed", shape, data);
+        spec.img_size = px;
     }
     spec.patch_tokens = args.patch_tokens;
     let onnx = crate::export::export_bytes(&spec, &weights)?;
     crate::fsio::write_atomic(&args.out, &onnx).with_context(|| format!("writing {}", args.out.display()))?;
     println!("{}: step {} of {} ({} bytes)", args.out.display(), spec.step, spec.preset, onnx.len());
     Ok(())
+}
+
+/// The teacher's positional embedding resized for `px` x `px` inputs exactly as in training
+/// (DINO's bicubic `interpolate_pos_encoding`), baked into the export.
+fn resized_pos_embed(checkpoint: &Path, px: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+    let trainer = crate::dino::checkpoint::load(checkpoint, &candle_core::Device::Cpu)?;
+    let pos = trainer.teacher().backbone.interpolate_pos_encoding(px, px)?;
+    Ok((pos.dims().to_vec(), pos.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// Open `model` through the shared ONNX Runtime.

@@ -112,6 +112,32 @@ fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
     // The query is the bank itself, so k-NN finds each tile at similarity 1.
     let overall = stdout(&out).lines().find(|l| l.starts_with("overall")).map(str::to_owned);
     assert!(overall.as_deref().is_some_and(|l| l.contains("100.0%")), "{}", stdout(&out));
+
+    // A split: the first two tiles are the bank, the other two the query.
+    let text = std::fs::read_to_string(eurosat.join("labels.csv")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(dir.path().join("bank.csv"), [lines[0], lines[1], lines[2]].join("\n")).unwrap();
+    std::fs::write(dir.path().join("query.csv"), [lines[0], lines[3], lines[4]].join("\n")).unwrap();
+    let split = [
+        "eval",
+        "--model",
+        "m.onnx",
+        "--bank",
+        eurosat.to_str().unwrap(),
+        "--labels",
+        "bank.csv",
+        "--query",
+        eurosat.to_str().unwrap(),
+        "--query-labels",
+        "query.csv",
+        "--layout",
+        "eurosat13",
+        "--onnxruntime",
+        ort,
+    ];
+    let out = run_in(dir.path(), &split);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("bank 2 files, query 2 files"), "{}", stdout(&out));
 }
 
 #[test]
@@ -140,4 +166,35 @@ fn a_trained_teacher_is_published_only_after_onnx_runtime_reproduces_it() {
     let latest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(exports.join("latest.json")).unwrap()).unwrap();
     assert_eq!(latest["metadata"]["training_step"], 2, "{latest}");
+}
+
+#[test]
+fn an_export_at_56_px_matches_the_candle_teacher_at_56_px() {
+    let Ok(ort) = LibrarySearch::standard(None).find() else {
+        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ck = train_micro(dir.path());
+    let args = ["--out", "m56.onnx", "--image-size", "56", "--input-contract", "normalized"];
+    assert_ok(&run_in(dir.path(), &[&["export", "--checkpoint", ck.to_str().unwrap()][..], &args].concat()));
+
+    let shape = [2, 10, 56, 56];
+    let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i as f32) * 0.37).sin()).collect();
+    let trainer = dinostream::dino::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    let t = candle_core::Tensor::from_slice(&x, shape.to_vec(), &candle_core::Device::Cpu).unwrap();
+    let want = trainer
+        .teacher()
+        .backbone
+        .forward_t(&t, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let runtime = dinostream::infer::runtime::Runtime::get(&LibrarySearch::standard(Some(ort))).unwrap();
+    let got = runtime.open(&dir.path().join("m56.onnx"), false).unwrap().run(&x, shape).unwrap().cls;
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert_eq!(got.len(), want.len());
+    assert!(diff <= 1e-4, "max abs diff {diff}");
 }
