@@ -357,13 +357,14 @@ fn export_command_turns_a_checkpoint_into_a_matching_model() {
 }
 
 #[test]
-fn export_command_refuses_an_image_size_it_cannot_bake() {
+fn export_command_refuses_an_image_size_off_the_patch_grid() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = golden_checkpoint(dir.path());
-    let args = ["export", "--checkpoint", ckpt.to_str().unwrap(), "--out", "m.onnx", "--image-size", "56"];
+    let args = ["export", "--checkpoint", ckpt.to_str().unwrap(), "--out", "m.onnx", "--image-size", "60"];
     let out = crate::util::run_in(dir.path(), &args);
     assert!(!out.status.success());
-    assert!(crate::util::stderr(&out).contains("--image-size 56"), "{}", crate::util::stderr(&out));
+    let err = crate::util::stderr(&out);
+    assert!(err.contains("--image-size 60") && err.contains("multiple of the patch size 8"), "{err}");
     assert!(!dir.path().join("m.onnx").exists());
 }
 
