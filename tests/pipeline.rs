@@ -65,10 +65,7 @@ fn train_on_a_folder_without_tiles_says_so() {
 
 #[test]
 fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
-    let Ok(ort) = LibrarySearch::standard(None).find() else {
-        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
-        return;
-    };
+    let Some(ort) = onnxruntime_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let ck = train_micro(dir.path());
     let ort = ort.to_str().unwrap();
@@ -142,8 +139,7 @@ fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
 
 #[test]
 fn a_trained_teacher_is_published_only_after_onnx_runtime_reproduces_it() {
-    if LibrarySearch::standard(None).find().is_err() {
-        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
+    if onnxruntime_or_skip().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -170,10 +166,7 @@ fn a_trained_teacher_is_published_only_after_onnx_runtime_reproduces_it() {
 
 #[test]
 fn an_export_at_56_px_matches_the_candle_teacher_at_56_px() {
-    let Ok(ort) = LibrarySearch::standard(None).find() else {
-        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
-        return;
-    };
+    let Some(ort) = onnxruntime_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let ck = train_micro(dir.path());
     let args = ["--out", "m56.onnx", "--image-size", "56", "--input-contract", "normalized"];

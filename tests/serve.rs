@@ -299,10 +299,7 @@ fn a_burst_of_many_small_tiles_is_all_trained() {
 
 #[test]
 fn checkpoints_publish_a_checked_latest_onnx_and_keep_the_previous() {
-    let Ok(ort) = dinostream::infer::runtime::LibrarySearch::standard(None).find() else {
-        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
-        return;
-    };
+    let Some(ort) = util::onnxruntime_or_skip() else { return };
     let cfg = config("checkpoint_every_steps = 2\n", 2, "")
         .replace("[export]\nenabled = false\n", &format!("[export]\nonnxruntime = {:?}\nkeep = 2\n", ort));
     let mut s = Service::new(&cfg);
@@ -318,10 +315,7 @@ fn checkpoints_publish_a_checked_latest_onnx_and_keep_the_previous() {
 
 #[test]
 fn kill_9_during_export_never_leaves_a_partial_latest_onnx() {
-    let Ok(ort) = dinostream::infer::runtime::LibrarySearch::standard(None).find() else {
-        eprintln!("skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)");
-        return;
-    };
+    let Some(ort) = util::onnxruntime_or_skip() else { return };
     let cfg = config("checkpoint_every_steps = 1\n", 2, "")
         .replace("[export]\nenabled = false\n", &format!("[export]\nonnxruntime = {:?}\nkeep = 50\n", ort));
     let mut s = Service::new(&cfg);

@@ -51,3 +51,16 @@ pub fn assert_ok(out: &Output) {
         stderr(out)
     );
 }
+
+/// The ONNX Runtime library, or `None` after saying why the calling test skips.
+pub fn onnxruntime_or_skip() -> Option<PathBuf> {
+    match dinostream::infer::runtime::LibrarySearch::standard(None).find() {
+        Ok(path) => Some(path),
+        Err(_) => {
+            eprintln!(
+                "skipping: ONNX Runtime not installed (scripts/setup-python.sh installs it into .venv)"
+            );
+            None
+        }
+    }
+}
