@@ -96,12 +96,8 @@ pub struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, value_name = "N")]
     pub steps: usize,
-    /// Model preset name or preset TOML path (overrides `model.preset`).
-    #[arg(long, value_name = "PRESET")]
-    pub model: Option<String>,
-    /// Compute device (overrides `train.device`).
-    #[arg(long, value_enum)]
-    pub device: Option<crate::config::Device>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Samples per step (overrides `train.batch_size`).
     #[arg(long, value_name = "N")]
     pub batch_size: Option<usize>,
@@ -137,15 +133,34 @@ pub struct ServeArgs {
     /// Folder ONNX exports are published to (`serve.exports_dir`).
     #[arg(long, value_name = "DIR")]
     pub exports: Option<PathBuf>,
-    /// Model preset name or TOML path (`model.preset`), e.g. vit-tiny-p8.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Stop cleanly with a checkpoint after this many steps in total (`serve.max_steps`).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+}
+
+/// Which model to train where, for `train` and `serve`.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model preset name or preset TOML path (`model.preset`), e.g. vit-tiny-p8.
     #[arg(long, value_name = "PRESET")]
     pub model: Option<String>,
     /// Where to train (`train.device`).
     #[arg(long, value_enum)]
     pub device: Option<crate::config::Device>,
-    /// Stop cleanly with a checkpoint after this many steps in total (`serve.max_steps`).
-    #[arg(long, value_name = "N")]
-    pub max_steps: Option<u64>,
+}
+
+impl ModelArgs {
+    /// Put the flags given on top of `cfg` (validated by the caller).
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(preset) = &self.model {
+            cfg.model.preset = preset.clone();
+        }
+        if let Some(device) = self.device {
+            cfg.train.device = device;
+        }
+    }
 }
 
 impl ServeArgs {
@@ -160,16 +175,11 @@ impl ServeArgs {
         if let Some(dir) = &self.exports {
             cfg.serve.exports_dir = dir.clone();
         }
-        if let Some(preset) = &self.model {
-            cfg.model.preset = preset.clone();
-        }
-        if let Some(device) = self.device {
-            cfg.train.device = device;
-        }
+        self.model.apply(cfg);
         if let Some(n) = self.max_steps {
             cfg.serve.max_steps = Some(n);
         }
-        cfg.validate().map_err(|errors| ConfigError::Invalid { path: None, errors })
+        revalidate(cfg)
     }
 }
 
@@ -353,12 +363,7 @@ fn preview(mut cfg: Config, args: &PreviewArgs) -> Result<()> {
 /// `train`: the flags override their config keys, then the run reports through a progress bar.
 fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
     apply_layout(&mut cfg, &args.layout)?;
-    if let Some(model) = &args.model {
-        cfg.model.preset = model.clone();
-    }
-    if let Some(device) = args.device {
-        cfg.train.device = device;
-    }
+    args.model.apply(&mut cfg);
     if let Some(batch_size) = args.batch_size {
         cfg.train.batch_size = batch_size;
     }

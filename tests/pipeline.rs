@@ -85,26 +85,16 @@ fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
     let index = std::fs::read_to_string(dir.path().join("e.csv")).unwrap();
     assert_eq!(index.lines().count(), 1 + 4 + 2, "{index}"); // header, 4 EuroSAT tiles, 2 BigEarthNet patches
 
+    let eurosat_dir = eurosat.to_str().unwrap();
+    let eval = |bank: &str, query: &str| {
+        let args =
+            ["eval", "--model", "m.onnx", "--bank", eurosat_dir, "--labels", bank, "--query", eurosat_dir];
+        let rest = ["--query-labels", query, "--layout", "eurosat13", "--onnxruntime", ort];
+        run_in(dir.path(), &[&args[..], &rest].concat())
+    };
     let labels = eurosat.join("labels.csv");
     let labels = labels.to_str().unwrap();
-    let eval = [
-        "eval",
-        "--model",
-        "m.onnx",
-        "--bank",
-        eurosat.to_str().unwrap(),
-        "--labels",
-        labels,
-        "--query",
-        eurosat.to_str().unwrap(),
-        "--query-labels",
-        labels,
-        "--layout",
-        "eurosat13",
-        "--onnxruntime",
-        ort,
-    ];
-    let out = run_in(dir.path(), &eval);
+    let out = eval(labels, labels);
     assert_ok(&out);
     // The query is the bank itself, so k-NN finds each tile at similarity 1.
     let overall = stdout(&out).lines().find(|l| l.starts_with("overall")).map(str::to_owned);
@@ -115,24 +105,7 @@ fn exported_model_embeds_and_evaluates_the_bundled_tiles() {
     let lines: Vec<&str> = text.lines().collect();
     std::fs::write(dir.path().join("bank.csv"), [lines[0], lines[1], lines[2]].join("\n")).unwrap();
     std::fs::write(dir.path().join("query.csv"), [lines[0], lines[3], lines[4]].join("\n")).unwrap();
-    let split = [
-        "eval",
-        "--model",
-        "m.onnx",
-        "--bank",
-        eurosat.to_str().unwrap(),
-        "--labels",
-        "bank.csv",
-        "--query",
-        eurosat.to_str().unwrap(),
-        "--query-labels",
-        "query.csv",
-        "--layout",
-        "eurosat13",
-        "--onnxruntime",
-        ort,
-    ];
-    let out = run_in(dir.path(), &split);
+    let out = eval("bank.csv", "query.csv");
     assert_ok(&out);
     assert!(stdout(&out).contains("bank 2 files, query 2 files"), "{}", stdout(&out));
 }
