@@ -104,8 +104,30 @@ pub struct TrainArgs {
     /// Folder for the final checkpoint.
     #[arg(long, value_name = "DIR", default_value = "checkpoint")]
     pub checkpoint: PathBuf,
+    /// Stop early after this much training time (`90s`, `5m`, `2h`); the schedules still span `--steps`.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    pub time_limit: Option<std::time::Duration>,
+    /// Write every step's loss, schedule values and collapse indicators to FILE as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
     #[command(flatten)]
     pub layout: LayoutArg,
+}
+
+/// `90`, `90s`, `5m` or `2h`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown unit `{unit}`: use s, m or h (e.g. 5m)")),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a duration (e.g. 90s, 5m, 2h)"))?;
+    std::time::Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{text}`: {e}"))
 }
 
 /// `dinostream inspect PATH...`
@@ -149,6 +171,9 @@ pub struct ModelArgs {
     /// Where to train (`train.device`).
     #[arg(long, value_enum)]
     pub device: Option<crate::config::Device>,
+    /// Matrix-product arithmetic (`train.precision`).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::config::Precision>,
 }
 
 impl ModelArgs {
@@ -159,6 +184,9 @@ impl ModelArgs {
         }
         if let Some(device) = self.device {
             cfg.train.device = device;
+        }
+        if let Some(precision) = self.precision {
+            cfg.train.precision = precision;
         }
     }
 }
@@ -368,7 +396,13 @@ fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
         cfg.train.batch_size = batch_size;
     }
     revalidate(&cfg)?;
-    let job = TrainJob { data: args.data.clone(), steps: args.steps, checkpoint: args.checkpoint.clone() };
+    let job = TrainJob {
+        data: args.data.clone(),
+        steps: args.steps,
+        checkpoint: args.checkpoint.clone(),
+        time_limit: args.time_limit,
+        metrics: args.metrics.clone(),
+    };
     let mut bar = StepBar::new(args.steps as u64, cfg.train.log_every_steps as u64);
     let last = crate::service::train::run(&cfg, &job, &mut bar)?;
     bar.bar.finish_and_clear();
@@ -713,5 +747,17 @@ mod tests {
         let err = anyhow::Error::new(ConfigError::Invalid { path: None, errors: vec![] });
         assert_eq!(exit_code(&err), 78);
         assert_eq!(exit_code(&anyhow::anyhow!("other")), 1);
+    }
+
+    #[test]
+    fn durations_take_seconds_minutes_and_hours() {
+        let secs = |t: &str| parse_duration(t).map(|d| d.as_secs_f64());
+        assert_eq!(secs("90"), Ok(90.0));
+        assert_eq!(secs("90s"), Ok(90.0));
+        assert_eq!(secs("1.5m"), Ok(90.0));
+        assert_eq!(secs("2h"), Ok(7200.0));
+        assert!(secs("5 min").unwrap_err().contains("unit"));
+        assert!(secs("m").unwrap_err().contains("not a duration"));
+        assert!(secs("-1s").is_err());
     }
 }

@@ -176,12 +176,29 @@ pub enum Device {
     Cuda,
 }
 
+/// Arithmetic of the training step's matrix products (`train.precision`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout (the mode the golden tests pin to PyTorch).
+    #[default]
+    F32,
+    /// f32 tensors, matrix products on TF32 tensor cores (CUDA; on the CPU the same as `f32`).
+    Tf32,
+    /// Mixed precision as PyTorch's bf16 autocast: matrix products (linear layers, attention,
+    /// patch embedding, head) in bf16 with f32 accumulation; f32 master weights, optimiser state,
+    /// normalisation, softmax and loss.
+    Bf16,
+}
+
 /// DINO training settings (`[train]`); names follow DINO's `main_dino.py` arguments.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Where to train.
     pub device: Device,
+    /// Matrix-product arithmetic: `f32`, `tf32` or `bf16` (see [`Precision`]).
+    pub precision: Precision,
     /// Samples per step (each sample = 2 global + `local_crops` local views).
     pub batch_size: usize,
     /// Peak learning rate per 256 samples; the used peak is `lr * batch_size / 256`.
@@ -222,6 +239,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             device: Device::Cpu,
+            precision: Precision::F32,
             batch_size: 64,
             lr: 5e-4,
             min_lr: 1e-6,

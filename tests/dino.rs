@@ -4,16 +4,16 @@
 //! forward values rtol 1e-4 + atol 1e-5; parameters after AdamW atol 1e-6. The exception, as
 //! `index.json` notes: Adam's first update is `lr * g / (|g| + eps)`, whose slope
 //! `lr * eps / (|g| + eps)^2` turns f32 rounding in a tiny gradient into a visible change. Elements
-//! whose gradient is below [`TINY_GRAD`] (where eps is over 1% of |g|) are
-//! (our own gradient, which matches the reference's to 1e-6, see the raw-gradient test) are
-//! counted and only held to the Adam steps taken so far (the sum of the lrs). Among them are the
+//! whose gradient is below [`TINY_GRAD`] (where eps is over 1% of |g|; the gradient is our own,
+//! which matches the reference's to 1e-6, see the raw-gradient test) are counted and only held to
+//! the Adam steps taken so far (the sum of the lrs). Among them are the
 //! attention key biases, whose true gradient is exactly 0 (softmax ignores a per-row constant):
 //! there both PyTorch and we follow rounding noise.
 
 use std::collections::HashMap;
 
-use candle_core::{Device, IndexOp, Module, Tensor};
-use dinostream::config::{ModelConfig, TrainConfig};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use dinostream::config::{ModelConfig, Precision, TrainConfig};
 use dinostream::dino::loss::DinoLoss;
 use dinostream::dino::schedule::{ScheduleSpan, StepSettings, cosine_scheduler, teacher_temp_schedule};
 use dinostream::dino::step::Gradients;
@@ -123,7 +123,8 @@ fn schedules_match_numpy_to_the_last_bits() {
 fn golden_vit() -> VisionTransformer {
     let w = golden("vit_weights.safetensors");
     let (vit, params) =
-        Params::build(0, &Device::Cpu, |vb| VisionTransformer::new(&golden_preset(), 0.0, vb)).unwrap();
+        Params::build(0, &Device::Cpu, |vb| VisionTransformer::new(&golden_preset(), 0.0, DType::F32, vb))
+            .unwrap();
     assert_eq!(params.len(), w.len(), "every golden tensor has a parameter and back");
     params.assign("", |k| w.get(k).cloned()).unwrap();
     vit
@@ -151,7 +152,8 @@ fn dino_head_forward_matches_the_reference() {
     let w = golden("head_weights.safetensors");
     let io = golden("head_io.safetensors");
     let (head, params) =
-        Params::build(0, &Device::Cpu, |vb| DinoHead::new(48, &golden_preset().head, vb)).unwrap();
+        Params::build(0, &Device::Cpu, |vb| DinoHead::new(48, &golden_preset().head, DType::F32, vb))
+            .unwrap();
     assert_eq!(params.len(), w.len());
     params.assign("", |k| w.get(k).cloned()).unwrap();
     let mlp = head.mlp(&io["x"]).unwrap();
@@ -163,19 +165,24 @@ fn dino_head_forward_matches_the_reference() {
 
 /// The golden run: student = teacher = golden ViT + head, DINOLoss(128, 8, .04, .07, 30, 100).
 fn golden_trainer() -> Trainer {
+    golden_trainer_with(&Device::Cpu, Precision::F32)
+}
+
+fn golden_trainer_with(device: &Device, precision: Precision) -> Trainer {
     let model = ModelConfig { preset: "vit-micro-p8".into(), drop_path_rate: 0.0 };
     let train = TrainConfig {
         warmup_teacher_temp: 0.04,
         teacher_temp: 0.07,
         warmup_teacher_temp_epochs: 30,
         epochs: 100,
+        precision,
         ..TrainConfig::default()
     };
     let bands: Vec<String> = dinostream::config::SEED_BANDS.iter().map(|b| b.to_string()).collect();
     let mut setup =
         TrainerSetup::new(&model, &train, &bands, 6, ScheduleSpan { epochs: 100, niter_per_ep: 1 }).unwrap();
     setup.preset = golden_preset();
-    let trainer = Trainer::new(setup, &Device::Cpu).unwrap();
+    let trainer = Trainer::new(setup, device).unwrap();
     let (vit, head) = (golden("vit_weights.safetensors"), golden("head_weights.safetensors"));
     let lookup = |k: &str| match k.split_once('.') {
         Some(("backbone", rest)) => vit.get(rest).cloned(),
@@ -315,6 +322,115 @@ fn two_training_steps_match_the_reference_in_every_tensor() {
                 i + 1
             );
             assert!(tiny * 100 < total, "too many tiny-gradient elements: {tiny} of {total}");
+        }
+    }
+}
+
+// bf16 mixed precision (issue 7): the golden steps with bf16 matrix products against the f32
+// golden files. The yardstick is PyTorch's own bf16 autocast on the same steps
+// (`benches/bf16_reference.py`, torch 2.11 CPU): raw gradients of step 1 off by 1.3e-2 relative;
+// after step 1 / step 2: loss off by 5.2e-3 / 1.2e-2, centre by 2.4e-4 / 5.6e-4, parameters by
+// 4.0e-3 / 5.6e-3 (Adam's first steps are about lr * sign(g), and bf16 flips the sign of tiny
+// gradients), student update relative error 0.14 / 0.12. Documented tolerance: one pass (the raw
+// gradients) within twice PyTorch's deviation, 2.6e-2; after the steps, where Adam amplifies
+// those sign flips chaotically, loss 5e-2, centre 1.2e-3, parameters 1.2e-2, update 0.3.
+// Measured here (candle's CPU bf16 GEMM): gradients 1.7e-2; loss 7.5e-3 / 4.1e-2, centre 2.2e-4 /
+// 4.4e-4, parameters 4.0e-3 / 5.9e-3, update 0.18 / 0.15.
+#[test]
+fn bf16_training_steps_stay_within_the_documented_tolerance_of_f32() {
+    let mut trainer = golden_trainer_with(&Device::Cpu, Precision::Bf16);
+    let before = snapshot(trainer.student_params());
+    let crops = golden_crops();
+    let first = &index()["training"]["steps"][0];
+    let g = trainer.gradients(&crops, &golden_settings(first)).unwrap();
+    let want = golden("step1.safetensors");
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for name in trainer.trainable() {
+        let got = values(g.grads.get(trainer.student_params().get(&name).unwrap()).unwrap());
+        for (a, b) in got.iter().zip(values(&want[&format!("grad.{name}")])) {
+            (err, norm) = (err + (a - b).powi(2), norm + b * b);
+        }
+    }
+    let gradient_rel_err = (err / norm).sqrt();
+    eprintln!("step1 bf16 raw gradients vs f32: relative error {gradient_rel_err:.2e}");
+    assert!(gradient_rel_err <= 2.6e-2, "raw gradients off by {gradient_rel_err:e} relative");
+    for (i, meta) in index()["training"]["steps"].as_array().unwrap().iter().enumerate() {
+        let want = golden(meta["file"].as_str().unwrap());
+        let report = trainer.step_with(&crops, &golden_settings(meta)).unwrap();
+        let loss = (report.loss as f64 - meta["loss"].as_f64().unwrap()).abs();
+        let center = max_abs_diff(&trainer.state().center, &want["center_after"]);
+        let (mut params, mut err, mut update) = (0.0f64, 0.0, 0.0);
+        for (side, vars) in [("student", trainer.student_params()), ("teacher", trainer.teacher_params())] {
+            for (name, var) in vars.iter() {
+                let (got, f32_run) = (values(var.as_tensor()), values(&want[&format!("{side}.{name}")]));
+                for (j, (a, b)) in got.iter().zip(&f32_run).enumerate() {
+                    params = params.max((a - b).abs());
+                    if side == "student" {
+                        err += (a - b).powi(2);
+                        update += (b - before[name][j]).powi(2);
+                    }
+                }
+            }
+        }
+        let update_rel_err = (err / update).sqrt();
+        eprintln!(
+            "step{} bf16 vs f32: loss {loss:.2e}, centre {center:.2e}, parameters {params:.2e}, update {update_rel_err:.3}",
+            i + 1
+        );
+        assert!(loss <= 5e-2 && center <= 1.2e-3, "loss off by {loss:e}, centre by {center:e}");
+        assert!(
+            params <= 1.2e-2 && update_rel_err <= 0.3,
+            "parameters off by {params:e}, update {update_rel_err}"
+        );
+        assert!(update_rel_err > 1e-4, "bf16 changed nothing: is the precision applied?");
+    }
+}
+
+/// Every variable's values.
+fn snapshot(params: &Params) -> HashMap<String, Vec<f64>> {
+    params.iter().map(|(name, var)| (name.to_string(), values(var.as_tensor()))).collect()
+}
+
+/// Largest absolute difference between two runs' student and teacher parameters.
+#[cfg(feature = "cuda")]
+fn params_max_abs_diff(x: &Trainer, y: &Trainer) -> f64 {
+    let sides = [(x.student_params(), y.student_params()), (x.teacher_params(), y.teacher_params())];
+    sides
+        .iter()
+        .flat_map(|(a, b)| {
+            a.iter().map(|(name, var)| max_abs_diff(var.as_tensor(), b.get(name).unwrap().as_tensor()))
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Largest absolute difference between two tensors of the same shape, on any devices.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+// The CUDA check of issue 4: the golden training steps on GPU 0 against the same steps on the CPU.
+// Built only with `--features cuda`; run with `cargo test --release --features cuda cuda_`.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_training_steps_match_the_cpu_run() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let (mut cpu_run, mut gpu_run) = (golden_trainer(), golden_trainer_with(&gpu, Precision::F32));
+    let crops = golden_crops();
+    let gpu_crops: Vec<Tensor> = crops.iter().map(|c| c.to_device(&gpu).unwrap()).collect();
+    for (i, meta) in index()["training"]["steps"].as_array().unwrap().iter().enumerate() {
+        let settings = golden_settings(meta);
+        let (a, b) = (
+            cpu_run.step_with(&crops, &settings).unwrap(),
+            gpu_run.step_with(&gpu_crops, &settings).unwrap(),
+        );
+        let worst = [
+            ("loss", (a.loss - b.loss).abs() as f64),
+            ("center", max_abs_diff(&cpu_run.state().center, &gpu_run.state().center)),
+            ("parameters", params_max_abs_diff(&cpu_run, &gpu_run)),
+        ];
+        eprintln!("step{} CUDA vs CPU max abs diff: {worst:?}", i + 1);
+        for (what, d) in worst {
+            assert!(d <= 1e-4, "step{} {what}: CUDA differs from CPU by {d:e}", i + 1);
         }
     }
 }

@@ -7,30 +7,27 @@ use dinostream::infer::runtime::LibrarySearch;
 
 use crate::util::*;
 
-/// Train the micro preset for 2 steps on all bundled tiles into `dir/ck`.
-fn train_micro(dir: &Path) -> PathBuf {
+/// `train` of the micro preset, batch 2, on all bundled tiles into `dir/ck`, with `extra` flags.
+fn train_micro_with(dir: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
     let data = data("");
-    let out = run_in(
-        dir,
-        &[
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--layout",
-            "eurosat13",
-            "--steps",
-            "2",
-            "--model",
-            "vit-micro-p8",
-            "--batch-size",
-            "2",
-            "--checkpoint",
-            "ck",
-        ],
-    );
+    let mut args = vec!["train", "--data", data.to_str().unwrap(), "--layout", "eurosat13", "--steps", steps];
+    args.extend(["--model", "vit-micro-p8", "--batch-size", "2", "--checkpoint", "ck"]);
+    args.extend(extra);
+    run_in(dir, &args)
+}
+
+/// Train the micro preset for 2 steps into `dir/ck`, metrics in `dir/metrics.jsonl`.
+fn train_micro(dir: &Path) -> PathBuf {
+    let out = train_micro_with(dir, "2", &["--metrics", "metrics.jsonl"]);
     assert_ok(&out);
     assert!(stdout(&out).contains("step 2: loss"), "{}", stdout(&out));
     dir.join("ck")
+}
+
+/// The lines of a `--metrics` file.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 #[test]
@@ -52,6 +49,27 @@ fn trained_checkpoint_loads_back_at_its_step() {
     let trainer = dinostream::dino::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
     assert_eq!(trainer.state().step, 2);
     assert_eq!(trainer.setup().bands.len(), 10);
+    let lines = metrics(dir.path());
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2]);
+    for line in &lines {
+        assert!(line["loss"].as_f64().unwrap().is_finite(), "{line}");
+        assert!(line["samples_per_s"].as_f64().unwrap() > 0.0, "{line}");
+        // Collapse indicators are logged every `train.log_every_steps` (default 10) steps only.
+        assert!(line.get("teacher_entropy_ratio").is_none(), "{line}");
+    }
+}
+
+#[test]
+fn a_time_limit_ends_the_run_early_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train_micro_with(dir.path(), "1000", &["--time-limit", "0s", "--metrics", "metrics.jsonl"]);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("step 1: loss"), "{}", stdout(&out));
+    let trainer =
+        dinostream::dino::checkpoint::load(&dir.path().join("ck"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(trainer.state().step, 1);
+    assert_eq!(metrics(dir.path()).len(), 1);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::dino::loss::mean_entropy;
 use crate::model::ops;
 
 /// One reading of the indicators.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Collapse {
     /// Mean teacher entropy divided by ln K (1 = uniform, 0 = one-hot).
     pub teacher_entropy_ratio: f32,

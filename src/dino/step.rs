@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Batch;
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::{ModelConfig, Precision, TrainConfig};
 use crate::dino::ema::ema_update;
 use crate::dino::loss::{DinoLoss, LossOutput};
 use crate::dino::monitor::{self, Collapse};
@@ -72,8 +72,8 @@ pub struct TrainState {
     pub rng: ChaCha8Rng,
 }
 
-/// What one step reports.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What one step reports (one line of `train --metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StepReport {
     /// The step just done (1-based: the first step reports 1).
     pub step: u64,
@@ -90,6 +90,7 @@ pub struct StepReport {
     /// Teacher temperature used.
     pub teacher_temp: f64,
     /// Collapse indicators, every `log_every_steps` steps.
+    #[serde(flatten)]
     pub collapse: Option<Collapse>,
 }
 
@@ -119,6 +120,18 @@ pub struct Trainer {
     state: TrainState,
 }
 
+/// The dtype of the models' matrix products for `precision`. TF32 is a switch of candle's CUDA
+/// GEMMs (process-wide; this sets it either way, so the last trainer built decides).
+fn matmul_dtype(precision: Precision, device: &Device) -> DType {
+    if device.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(precision == Precision::Tf32);
+    }
+    match precision {
+        Precision::F32 | Precision::Tf32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
 /// The head's last layer, frozen in the first `freeze_last_layer` epochs.
 fn is_last_layer(name: &str) -> bool {
     name.starts_with("head.last_layer.")
@@ -128,10 +141,13 @@ impl Trainer {
     /// A fresh run: student initialised from `train.seed`, teacher a copy of it, centre 0.
     pub fn new(setup: TrainerSetup, device: &Device) -> anyhow::Result<Trainer> {
         let TrainerSetup { preset, model, train, .. } = &setup;
-        let (student, student_params) =
-            Params::build(train.seed, device, |vb| MultiCropWrapper::new(preset, model.drop_path_rate, vb))?;
+        let matmul = matmul_dtype(train.precision, device);
+        let (student, student_params) = Params::build(train.seed, device, |vb| {
+            MultiCropWrapper::new(preset, model.drop_path_rate, matmul, vb)
+        })?;
         let teacher_params = student_params.deep_copy()?;
-        let teacher = teacher_params.build_frozen(device, |vb| MultiCropWrapper::new(preset, 0.0, vb))?;
+        let teacher =
+            teacher_params.build_frozen(device, |vb| MultiCropWrapper::new(preset, 0.0, matmul, vb))?;
         let norm_last_layer = preset.head.norm_last_layer;
         let frozen = move |name: &str| norm_last_layer && name == "head.last_layer.weight_g";
         let optimizer = AdamW::new(&student_params, frozen, optim::Config::default());

@@ -5,7 +5,7 @@
 //! `last_layer.weight_g` `[K, 1]` and `last_layer.weight_v` `[K, bottleneck]`. With
 //! `norm_last_layer` the gain `g` stays 1: it is excluded from the optimiser (see `dino::optim`).
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::HeadConfig;
@@ -17,18 +17,19 @@ pub struct DinoHead {
     mlp: Vec<Linear>,
     weight_g: Tensor,
     weight_v: Tensor,
+    matmul: DType,
 }
 
 impl DinoHead {
-    /// Build the head for `in_dim` input features under `vb`.
-    pub fn new(in_dim: usize, cfg: &HeadConfig, vb: VarBuilder) -> Result<DinoHead> {
+    /// Build the head for `in_dim` input features under `vb`, its matrix products in `matmul`.
+    pub fn new(in_dim: usize, cfg: &HeadConfig, matmul: DType, vb: VarBuilder) -> Result<DinoHead> {
         let mut widths = vec![in_dim];
         widths.extend(std::iter::repeat_n(cfg.hidden_dim, cfg.nlayers - 1));
         widths.push(cfg.bottleneck_dim);
         let mlp = widths
             .windows(2)
             .enumerate()
-            .map(|(i, w)| Linear::new(w[0], w[1], true, vb.pp("mlp").pp(2 * i)))
+            .map(|(i, w)| Linear::new(w[0], w[1], true, matmul, vb.pp("mlp").pp(2 * i)))
             .collect::<Result<_>>()?;
         let last = vb.pp("last_layer");
         // nn.Linear's default init for v: U(-1/sqrt(in), 1/sqrt(in)).
@@ -39,7 +40,7 @@ impl DinoHead {
             Init::Uniform { lo: -bound, up: bound },
         )?;
         let weight_g = last.get_with_hints((cfg.out_dim, 1), "weight_g", Init::Const(1.0))?;
-        Ok(DinoHead { mlp, weight_g, weight_v })
+        Ok(DinoHead { mlp, weight_g, weight_v, matmul })
     }
 
     /// The MLP part: `[N, in_dim]` -> `[N, bottleneck]`.
@@ -63,6 +64,6 @@ impl Module for DinoHead {
     /// `[N, in_dim]` -> `[N, K]` logits.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = ops::l2_normalize(&self.mlp(xs)?)?;
-        xs.matmul(&self.last_layer_weight()?.t()?)
+        ops::matmul_in(&xs, &self.last_layer_weight()?.t()?, self.matmul)
     }
 }

@@ -2,7 +2,7 @@
 //! (2 global, then the locals), the cls features concatenated, one head pass. Rows are crop-major:
 //! `[crop0 x B, crop1 x B, ...]`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
@@ -27,10 +27,10 @@ pub struct MultiCropOutput {
 }
 
 impl MultiCropWrapper {
-    /// Build both parts under `vb.pp("backbone")` and `vb.pp("head")`.
-    pub fn new(cfg: &Preset, drop_path_rate: f64, vb: VarBuilder) -> Result<MultiCropWrapper> {
-        let backbone = VisionTransformer::new(cfg, drop_path_rate, vb.pp("backbone"))?;
-        let head = DinoHead::new(cfg.embed_dim, &cfg.head, vb.pp("head"))?;
+    /// Build both parts under `vb.pp("backbone")` and `vb.pp("head")`, matrix products in `matmul`.
+    pub fn new(cfg: &Preset, drop_path_rate: f64, matmul: DType, vb: VarBuilder) -> Result<MultiCropWrapper> {
+        let backbone = VisionTransformer::new(cfg, drop_path_rate, matmul, vb.pp("backbone"))?;
+        let head = DinoHead::new(cfg.embed_dim, &cfg.head, matmul, vb.pp("head"))?;
         Ok(MultiCropWrapper { backbone, head })
     }
 

@@ -3,9 +3,10 @@
 //! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` kernels drop gradients, so the
 //! training path builds them from primitive tensor ops. Also here: the linear layer (2-D matmul
 //! over flattened leading dims, so its backward never materialises a broadcast weight), stochastic
-//! depth, and the bicubic matrix that resizes the positional embedding exactly like PyTorch.
+//! depth, the bicubic matrix that resizes the positional embedding exactly like PyTorch, and the
+//! matrix product of bf16 mixed precision.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -13,19 +14,32 @@ use rand_chacha::ChaCha8Rng;
 /// DINO's `trunc_normal_(std=.02)` for Linear weights, cls token and positional embedding.
 pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
+/// `a @ b` computed in `dtype` and returned in `a`'s dtype: with `BF16` both operands are rounded
+/// to bf16 and the product (f32-accumulated by the GEMM) comes back as f32, what PyTorch's bf16
+/// autocast does for `matmul`, `linear` and `conv`. Gradients flow through the casts in f32.
+pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == a.dtype() {
+        return a.matmul(b);
+    }
+    a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
+}
+
 /// `nn.Linear(in, out)` with DINO's init (weight trunc-normal .02, bias 0). Names `weight`, `bias`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Arithmetic of the product (see [`matmul_in`]).
+    matmul: DType,
 }
 
 impl Linear {
-    /// A linear layer under `vb` (`vb.pp("fc1")` gives `fc1.weight`, `fc1.bias`).
-    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    /// A linear layer under `vb` (`vb.pp("fc1")` gives `fc1.weight`, `fc1.bias`) whose product is
+    /// computed in `matmul` (`F32`, or `BF16` for mixed precision).
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, matmul: DType, vb: VarBuilder) -> Result<Linear> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", TRUNC_NORMAL_02)?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, matmul })
     }
 }
 
@@ -34,7 +48,7 @@ impl Module for Linear {
         let dims = xs.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = xs.elem_count() / in_dim;
-        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = matmul_in(&xs.reshape((rows, in_dim))?, &self.weight.t()?, self.matmul)?;
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,

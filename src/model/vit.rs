@@ -28,17 +28,18 @@ pub struct PatchEmbed {
     weight: Tensor,
     bias: Tensor,
     patch: usize,
+    matmul: DType,
 }
 
 impl PatchEmbed {
-    fn new(cfg: &Preset, vb: VarBuilder) -> Result<PatchEmbed> {
+    fn new(cfg: &Preset, matmul: DType, vb: VarBuilder) -> Result<PatchEmbed> {
         let (d, c, p) = (cfg.embed_dim, cfg.in_chans, cfg.patch_size);
         // PyTorch's default Conv2d init (DINO leaves it): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         let bound = 1.0 / ((c * p * p) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
         let weight = vb.get_with_hints((d, c, p, p), "weight", init)?;
         let bias = vb.get_with_hints(d, "bias", init)?;
-        Ok(PatchEmbed { weight, bias, patch: p })
+        Ok(PatchEmbed { weight, bias, patch: p, matmul })
     }
 }
 
@@ -60,7 +61,11 @@ impl Module for PatchEmbed {
             .reshape((b * gh * gw, c * p * p))?;
         let d = self.weight.dim(0)?;
         let kernel = self.weight.reshape((d, c * p * p))?;
-        patches.matmul(&kernel.t()?)?.broadcast_add(&self.bias)?.reshape((b, gh * gw, d))
+        ops::matmul_in(&patches, &kernel.t()?, self.matmul)?.broadcast_add(&self.bias)?.reshape((
+            b,
+            gh * gw,
+            d,
+        ))
     }
 }
 
@@ -71,16 +76,18 @@ pub struct Attention {
     proj: Linear,
     num_heads: usize,
     scale: f64,
+    matmul: DType,
 }
 
 impl Attention {
-    fn new(cfg: &Preset, vb: VarBuilder) -> Result<Attention> {
+    fn new(cfg: &Preset, matmul: DType, vb: VarBuilder) -> Result<Attention> {
         let d = cfg.embed_dim;
         Ok(Attention {
-            qkv: Linear::new(d, 3 * d, cfg.qkv_bias, vb.pp("qkv"))?,
-            proj: Linear::new(d, d, true, vb.pp("proj"))?,
+            qkv: Linear::new(d, 3 * d, cfg.qkv_bias, matmul, vb.pp("qkv"))?,
+            proj: Linear::new(d, d, true, matmul, vb.pp("proj"))?,
             num_heads: cfg.num_heads,
             scale: ((d / cfg.num_heads) as f64).powf(-0.5),
+            matmul,
         })
     }
 }
@@ -94,9 +101,9 @@ impl Module for Attention {
         let q = qkv.i(0)?.contiguous()?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
-        let attn = (q.matmul(&k.t()?)? * self.scale)?;
+        let attn = (ops::matmul_in(&q, &k.t()?, self.matmul)? * self.scale)?;
         let attn = ops::softmax_last_dim(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let out = ops::matmul_in(&attn, &v, self.matmul)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }
 }
@@ -109,10 +116,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Mlp> {
+    fn new(dim: usize, hidden: usize, matmul: DType, vb: VarBuilder) -> Result<Mlp> {
         Ok(Mlp {
-            fc1: Linear::new(dim, hidden, true, vb.pp("fc1"))?,
-            fc2: Linear::new(hidden, dim, true, vb.pp("fc2"))?,
+            fc1: Linear::new(dim, hidden, true, matmul, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, true, matmul, vb.pp("fc2"))?,
         })
     }
 }
@@ -134,12 +141,12 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(cfg: &Preset, drop_path: f64, vb: VarBuilder) -> Result<Block> {
+    fn new(cfg: &Preset, drop_path: f64, matmul: DType, vb: VarBuilder) -> Result<Block> {
         Ok(Block {
             norm1: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, vb.pp("norm1"))?,
-            attn: Attention::new(cfg, vb.pp("attn"))?,
+            attn: Attention::new(cfg, matmul, vb.pp("attn"))?,
             norm2: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, vb.pp("norm2"))?,
-            mlp: Mlp::new(cfg.embed_dim, cfg.mlp_hidden(), vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg.embed_dim, cfg.mlp_hidden(), matmul, vb.pp("mlp"))?,
             drop_path,
         })
     }
@@ -175,14 +182,23 @@ pub struct VisionTransformer {
 
 impl VisionTransformer {
     /// Build the backbone under `vb`; block `i` drops paths with rate `drop_path_rate * i / (depth - 1)`.
-    pub fn new(cfg: &Preset, drop_path_rate: f64, vb: VarBuilder) -> Result<VisionTransformer> {
+    /// Matrix products run in `matmul` (`F32`, or `BF16` for mixed precision).
+    pub fn new(
+        cfg: &Preset,
+        drop_path_rate: f64,
+        matmul: DType,
+        vb: VarBuilder,
+    ) -> Result<VisionTransformer> {
         let d = cfg.embed_dim;
         let tokens = cfg.grid() * cfg.grid() + 1;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(cfg, linspace_at(drop_path_rate, cfg.depth, i), vb.pp("blocks").pp(i)))
+            .map(|i| {
+                let rate = linspace_at(drop_path_rate, cfg.depth, i);
+                Block::new(cfg, rate, matmul, vb.pp("blocks").pp(i))
+            })
             .collect::<Result<_>>()?;
         Ok(VisionTransformer {
-            patch_embed: PatchEmbed::new(cfg, vb.pp("patch_embed").pp("proj"))?,
+            patch_embed: PatchEmbed::new(cfg, matmul, vb.pp("patch_embed").pp("proj"))?,
             cls_token: vb.get_with_hints((1, 1, d), "cls_token", TRUNC_NORMAL_02)?,
             pos_embed: vb.get_with_hints((1, tokens, d), "pos_embed", TRUNC_NORMAL_02)?,
             blocks,

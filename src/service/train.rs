@@ -1,12 +1,15 @@
 //! `dinostream train`: DINO over a fixed folder of tiles (no watching). Every patch of the folder
 //! is read once into memory, a feeder thread streams them in a fresh seeded order each epoch into
 //! the augmentation pool, and the trainer takes the pool's batches for `steps` steps, then writes a
-//! checkpoint. For data that keeps arriving, `serve` is the command.
+//! checkpoint. A time limit ends the run early (the schedules still span `steps`), and a metrics
+//! file records every step for plots. For data that keeps arriving, `serve` is the command.
 
+use std::fs::File;
+use std::io::{LineWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::{Sender, bounded};
@@ -29,6 +32,10 @@ pub struct TrainJob {
     pub steps: usize,
     /// Where the final checkpoint goes.
     pub checkpoint: PathBuf,
+    /// Stop after the step that crosses this much training time (then checkpoint as usual).
+    pub time_limit: Option<Duration>,
+    /// JSON-lines file that receives every step's report.
+    pub metrics: Option<PathBuf>,
 }
 
 /// Reports training progress to the caller (the CLI draws a progress bar).
@@ -52,7 +59,7 @@ pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<
         job.data.display(),
         job.steps
     );
-    let last = train_steps(cfg, patches, job.steps, &mut trainer, progress)?;
+    let last = train_steps(cfg, patches, job, &mut trainer, progress)?;
     checkpoint::save(&job.checkpoint, &trainer)
         .with_context(|| format!("{}: cannot write the checkpoint", job.checkpoint.display()))?;
     log::info!("checkpoint of step {} written to {}", last.step, job.checkpoint.display());
@@ -79,14 +86,15 @@ fn load_patches(data: &Path, cfg: &Config) -> Result<Vec<Arc<Patch>>> {
     Ok(patches)
 }
 
-/// Feed the pool and step the trainer `steps` times.
+/// Feed the pool and step the trainer `job.steps` times or until the time limit.
 fn train_steps(
     cfg: &Config,
     patches: Vec<Arc<Patch>>,
-    steps: usize,
+    job: &TrainJob,
     trainer: &mut Trainer,
     progress: &mut dyn Progress,
 ) -> Result<StepReport> {
+    let mut metrics = MetricsLog::create(job.metrics.as_deref())?;
     let augmenter = Arc::new(Augmenter::new(&cfg.augment, &cfg.tile.bands)?);
     let (tx, rx) = bounded(cfg.train.batch_size);
     let seed = cfg.augment.seed;
@@ -94,17 +102,51 @@ fn train_steps(
     let mut pool = AugmentPool::from_config(&cfg.augment, augmenter, rx, cfg.train.batch_size)?;
     let start = Instant::now();
     let mut last = None;
-    for done in 1..=steps {
+    for done in 1..=job.steps {
         let batch = pool.recv().context("the augmentation pool stopped")??;
         let report = trainer.step(&batch)?;
         pool.recycle(batch);
-        let rate = (done * cfg.train.batch_size) as f64 / start.elapsed().as_secs_f64();
+        let elapsed = start.elapsed();
+        let rate = (done * cfg.train.batch_size) as f64 / elapsed.as_secs_f64();
         progress.step(&report, rate);
+        metrics.write(&report, rate, elapsed)?;
         last = Some(report);
+        if job.time_limit.is_some_and(|limit| elapsed >= limit) {
+            log::info!("time limit reached after {done} of {} steps", job.steps);
+            break;
+        }
     }
     drop(pool);
     let _ = feeder.join();
     last.context("no step was run (steps = 0)")
+}
+
+/// `train --metrics FILE`: one JSON object per step, the [`StepReport`] plus `samples_per_s` and
+/// `elapsed_s`, flushed line by line so a crashed run keeps its curve.
+struct MetricsLog {
+    out: Option<(PathBuf, LineWriter<File>)>,
+}
+
+impl MetricsLog {
+    fn create(path: Option<&Path>) -> Result<MetricsLog> {
+        let out = match path {
+            Some(path) => {
+                let file = File::create(path)
+                    .with_context(|| format!("{}: cannot create the metrics file", path.display()))?;
+                Some((path.to_path_buf(), LineWriter::new(file)))
+            }
+            None => None,
+        };
+        Ok(MetricsLog { out })
+    }
+
+    fn write(&mut self, report: &StepReport, samples_per_s: f64, elapsed: Duration) -> Result<()> {
+        let Some((path, out)) = &mut self.out else { return Ok(()) };
+        let mut line = serde_json::to_value(report)?;
+        line["samples_per_s"] = samples_per_s.into();
+        line["elapsed_s"] = elapsed.as_secs_f64().into();
+        writeln!(out, "{line}").with_context(|| format!("{}: cannot write the metrics", path.display()))
+    }
 }
 
 /// Stream the patches, reshuffled each epoch, as numbered samples until the pool hangs up.
