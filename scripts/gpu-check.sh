@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, with .gpu/ carried (made by scripts/gpu-pack.sh):
+#  1. the golden training steps on CUDA against the same steps on the CPU (max abs diff <= 1e-4),
+#  2. `dinostream train --device cuda` on real tiles, loss per step in metrics.jsonl,
+#  3. the training-step benchmark, dinostream then PyTorch (`dino_ref.py bench`), same GPU, same run,
+#     each with its peak GPU memory read by nvidia-smi every 100 ms.
+# Everything it prints also lands in $OUT (the device tool brings that folder back).
+#   bash scripts/gpu-check.sh [golden] [train] [bench]      (all three when none is named)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-.gpu/out}
+mkdir -p "$out"
+steps=${*:-golden train bench}
+with_libs() { bash .gpu/with-cuda-libs.sh "$@"; }
+
+# Run a command while nvidia-smi samples the GPU's used memory; prints the peak above the idle level.
+with_peak_memory() {
+  local name=$1; shift
+  local idle; idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" &
+  local sampler=$!
+  "$@"; local rc=$?
+  kill "$sampler"; wait "$sampler" 2>/dev/null
+  local peak; peak=$(sort -n "$out/$name.mem" | tail -1)
+  echo "{\"what\": \"peak_gpu_memory\", \"run\": \"$name\", \"idle_MiB\": $idle, \"peak_MiB\": $peak, \"peak_above_idle_MiB\": $((peak - idle))}" \
+    | tee -a "$out/bench.jsonl"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+for step in $steps; do
+  case $step in
+    golden)
+      DINOSTREAM_TEST_ROOT=$PWD with_libs .gpu/bin/integration cuda_ --nocapture --test-threads 1 \
+        2>&1 | tee "$out/golden.log" ;;
+    train)
+      with_libs .gpu/bin/dinostream train --device cuda --data .gpu/data/bigearthnet-s2 --steps 200 \
+        --model vit-small-p8 --batch-size 64 --checkpoint "$out/ck" --metrics "$out/train-metrics.jsonl" \
+        2>&1 | tail -40 | tee "$out/train.log" ;;
+    bench)
+      # Warm-up first: the first CUDA launch JIT-compiles candle's PTX (about 11 s).
+      with_libs .gpu/bin/train_step --device cuda --steps 2 --warmup 1 > /dev/null
+      with_peak_memory candle-f32 with_libs .gpu/bin/train_step --device cuda \
+        | tee -a "$out/bench.jsonl"
+      with_peak_memory torch-fp32 python3 .gpu/reference/dino_ref.py bench --arch small --batch 64 \
+        --out-dim 65536 | tee -a "$out/bench.jsonl" ;;
+    *) echo "unknown step $step (golden, train, bench)" >&2; exit 2 ;;
+  esac
+done
