@@ -93,7 +93,7 @@ pub struct TrainArgs {
     /// Folder of tiles and BigEarthNet folders (or one tile).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
-    /// Optimizer steps.
+    /// Optimizer steps (0 writes the initial, randomly initialised model).
     #[arg(long, value_name = "N")]
     pub steps: usize,
     #[command(flatten)]
@@ -406,7 +406,12 @@ fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
     let mut bar = StepBar::new(args.steps as u64, cfg.train.log_every_steps as u64);
     let last = crate::service::train::run(&cfg, &job, &mut bar)?;
     bar.bar.finish_and_clear();
-    println!("step {}: loss {:.4}; checkpoint in {}", last.step, last.loss, args.checkpoint.display());
+    match last {
+        Some(last) => {
+            println!("step {}: loss {:.4}; checkpoint in {}", last.step, last.loss, args.checkpoint.display())
+        }
+        None => println!("step 0 (initial weights); checkpoint in {}", args.checkpoint.display()),
+    }
     Ok(())
 }
 

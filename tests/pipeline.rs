@@ -61,6 +61,23 @@ fn trained_checkpoint_loads_back_at_its_step() {
 }
 
 #[test]
+fn zero_steps_write_the_initial_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train_micro_with(dir.path(), "0", &[]);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("step 0 (initial weights)"), "{}", stdout(&out));
+    let trainer =
+        dinostream::dino::checkpoint::load(&dir.path().join("ck"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(trainer.state().step, 0);
+    let (s, t) = (trainer.student_params(), trainer.teacher_params());
+    let norm = |p: &dinostream::model::params::Params| {
+        let w = p.get("backbone.blocks.0.attn.qkv.weight").unwrap().as_tensor();
+        w.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!(norm(s) > 0.0 && norm(s) == norm(t), "teacher = student = the seeded init");
+}
+
+#[test]
 fn a_time_limit_ends_the_run_early_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = train_micro_with(dir.path(), "1000", &["--time-limit", "0s", "--metrics", "metrics.jsonl"]);

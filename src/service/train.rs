@@ -44,8 +44,9 @@ pub trait Progress {
     fn step(&mut self, report: &StepReport, samples_per_sec: f64);
 }
 
-/// Run `job` with `cfg`; returns the last step's report.
-pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<StepReport> {
+/// Run `job` with `cfg`; returns the last step's report, `None` for `steps = 0`, which writes the
+/// freshly initialised model (the random-init baseline of an evaluation).
+pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<Option<StepReport>> {
     let patches = load_patches(&job.data, cfg)?;
     let batch_size = cfg.train.batch_size;
     let span = ScheduleSpan::for_steps(job.steps, patches.len(), batch_size);
@@ -59,10 +60,11 @@ pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<
         job.data.display(),
         job.steps
     );
-    let last = train_steps(cfg, patches, job, &mut trainer, progress)?;
+    let last =
+        if job.steps == 0 { None } else { Some(train_steps(cfg, patches, job, &mut trainer, progress)?) };
     checkpoint::save(&job.checkpoint, &trainer)
         .with_context(|| format!("{}: cannot write the checkpoint", job.checkpoint.display()))?;
-    log::info!("checkpoint of step {} written to {}", last.step, job.checkpoint.display());
+    log::info!("checkpoint of step {} written to {}", trainer.state().step, job.checkpoint.display());
     Ok(last)
 }
 
