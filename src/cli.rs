@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, ConfigError, TileConfig, parse_layout};
 use crate::dino::StepReport;
 use crate::infer::embed;
+use crate::infer::features::{FeatureSource, class_indices};
 use crate::infer::knn;
 use crate::infer::runtime::{LibrarySearch, OnnxModel, Runtime};
 use crate::service::train::{Progress, TrainJob};
-use crate::tile::{self, Patch};
+use crate::tile;
 
 /// Continual DINO self-supervised training on Sentinel-2 tiles.
 #[derive(Debug, Parser)]
@@ -495,12 +496,6 @@ fn render_info(info: &tile::InputInfo) -> String {
     s
 }
 
-/// Every patch of a tile or BigEarthNet folder (reflectance, named bands).
-fn read_patches(path: &Path, tile: &TileConfig) -> Result<Vec<Patch>> {
-    let input = tile::Input::detect(path)?;
-    Ok(tile::read_patches(&input, tile)?)
-}
-
 /// `dinostream export`: checkpoint -> ONNX file (written atomically).
 fn export_command(args: &ExportArgs) -> Result<()> {
     let path = args.checkpoint.join("model.safetensors");
@@ -577,7 +572,11 @@ fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
     let mut classes: Vec<String> = bank.iter().chain(&query).flat_map(|f| f.labels.clone()).collect();
     classes.sort();
     classes.dedup();
-    let mut features = FeatureSource::new(args)?;
+    let mut features = match (&args.baseline, &args.model) {
+        (Some(_), _) => FeatureSource::BandStats,
+        (None, Some(model)) => FeatureSource::Model(Box::new(open_model(model, &args.runtime)?)),
+        (None, None) => anyhow::bail!("eval: pass --model M.onnx or --baseline band-stats"),
+    };
     let (xb, d) = features.of(&args.bank, &bank, tile, args.batch)?;
     let (xq, _) = features.of(&args.query, &query, tile, args.batch)?;
     println!(
@@ -592,14 +591,6 @@ fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
         print_single_label_eval(&xb, &bank, &xq, &query, d, &classes);
     }
     Ok(())
-}
-
-/// Class indices of single-label files.
-fn class_indices(files: &[knn::LabelledFile], classes: &[String]) -> Vec<usize> {
-    files
-        .iter()
-        .map(|f| classes.iter().position(|c| *c == f.labels[0]).expect("classes collected from these files"))
-        .collect()
 }
 
 /// k-NN and linear-probe accuracy, per class and overall.
@@ -653,68 +644,6 @@ fn print_multilabel_eval(
 fn read_label_file(path: &Path) -> Result<Vec<knn::LabelledFile>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     knn::read_labels(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
-/// Where eval's per-file features come from: the model's cls embedding or the band statistics.
-enum FeatureSource {
-    Model(Box<OnnxModel>),
-    BandStats,
-}
-
-impl FeatureSource {
-    fn new(args: &EvalArgs) -> Result<Self> {
-        match (&args.baseline, &args.model) {
-            (Some(_), _) => Ok(FeatureSource::BandStats),
-            (None, Some(model)) => Ok(FeatureSource::Model(Box::new(open_model(model, &args.runtime)?))),
-            (None, None) => anyhow::bail!("eval: pass --model M.onnx or --baseline band-stats"),
-        }
-    }
-
-    fn name(&self) -> String {
-        match self {
-            FeatureSource::Model(m) => m.path().display().to_string(),
-            FeatureSource::BandStats => "band-stats baseline".into(),
-        }
-    }
-
-    /// `[files, d]` features, one row per labelled file (the mean over its patches), and `d`.
-    fn of(
-        &mut self,
-        dir: &Path,
-        files: &[knn::LabelledFile],
-        tile: &TileConfig,
-        batch: usize,
-    ) -> Result<(Vec<f32>, usize)> {
-        let mut rows = Vec::new();
-        let mut dim = 0;
-        for file in files {
-            let patches = read_patches(&dir.join(&file.filename), tile)?;
-            let row = match self {
-                FeatureSource::Model(model) => {
-                    let meta = model.metadata()?;
-                    let e = embed::embed_patches(model, &meta, &patches, batch, |_| ())?;
-                    mean_row(&e.values, e.dim)
-                }
-                FeatureSource::BandStats => {
-                    let per_patch: Vec<Vec<f32>> =
-                        patches.iter().map(|p| knn::band_stat_features(&p.data, p.channels())).collect();
-                    mean_row(&per_patch.concat(), per_patch.first().map_or(0, Vec::len))
-                }
-            };
-            if row.is_empty() {
-                anyhow::bail!("{}: no patches", dir.join(&file.filename).display());
-            }
-            dim = row.len();
-            rows.extend(row);
-        }
-        Ok((rows, dim))
-    }
-}
-
-/// The mean of the rows of `[n, dim]` values.
-fn mean_row(values: &[f32], dim: usize) -> Vec<f32> {
-    let n = (values.len() / dim.max(1)).max(1) as f32;
-    (0..dim).map(|j| values.chunks(dim).map(|r| r[j]).sum::<f32>() / n).collect()
 }
 
 /// The config file if given, else the defaults; validated either way.

@@ -4,11 +4,13 @@
 //!   install the library when it is missing.
 //! - [`embed`]: patches (any size, any band order) to model inputs and embeddings.
 //! - [`knn`]: DINO's weighted k-NN classifier, a linear probe and the band-statistics baseline.
+//! - [`features`]: one feature row per labelled file, from a model or the band statistics.
 //!
 //! [`ModelMetadata`] is the contract between an exported file and its consumers: `export` writes it
 //! into `metadata_props`, everything here reads it back.
 
 pub mod embed;
+pub mod features;
 pub mod knn;
 pub mod runtime;
 
