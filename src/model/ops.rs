@@ -1,12 +1,15 @@
 //! Training-safe building blocks: every op here has a backward pass in candle.
 //!
 //! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` kernels drop gradients, so the
-//! training path builds them from primitive tensor ops. Also here: the linear layer (2-D matmul
+//! training path defines its own LayerNorm and softmax as single autograd nodes with a backward
+//! (forward from candle's primitive kernels, on any device). Also here: the linear layer (2-D matmul
 //! over flattened leading dims, so its backward never materialises a broadcast weight), stochastic
 //! depth, the bicubic matrix that resizes the positional embedding exactly like PyTorch, and the
 //! matrix product of bf16 mixed precision.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::op::{self, ReduceOp};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -78,18 +81,155 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        xs.apply_op3(&self.weight, &self.bias, LayerNormOp { eps: self.eps })
     }
 }
 
-/// Softmax over the last dim. The max is subtracted detached: the result (and its gradient) does
-/// not depend on the shift.
+/// LayerNorm over the last dim as one autograd node: the forward runs candle's kernels at the
+/// storage level, so the graph keeps the input and the output only (a composition of tensor ops
+/// keeps five full-size intermediates); the backward recomputes the normalised input and applies
+/// the closed form `dx = rstd (g - mean(g) - n mean(g n))` with `g = grad * weight`.
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl LayerNormOp {
+    /// `(x - mean) / sqrt(var + eps) * weight + bias` along the last dim, on any backend.
+    fn forward<S: BackendStorage>(
+        &self,
+        (x, layout): (&S, &Layout),
+        (weight, weight_layout): (&S, &Layout),
+        (bias, bias_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let shape = layout.shape().clone();
+        let last = shape.rank() - 1;
+        let n = shape.dims()[last] as f64;
+        let contiguous = Layout::contiguous(shape.clone());
+        let mut reduced_dims = shape.dims().to_vec();
+        reduced_dims[last] = 1;
+        let reduced_contiguous = Layout::contiguous(reduced_dims);
+        let reduced = reduced_contiguous.broadcast_as(shape.clone())?;
+        let mean = x.reduce_op(ReduceOp::Sum, layout, &[last])?.affine(&reduced_contiguous, 1.0 / n, 0.0)?;
+        let centered = x.binary_impl::<op::Sub>(&mean, layout, &reduced)?;
+        let sum_sq =
+            centered.unary_impl::<op::Sqr>(&contiguous)?.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
+        let std = sum_sq
+            .affine(&reduced_contiguous, 1.0 / n, 0.0)?
+            .affine(&reduced_contiguous, 1.0, self.eps)?
+            .unary_impl::<op::Sqrt>(&reduced_contiguous)?;
+        let normed = centered.binary_impl::<op::Div>(&std, &contiguous, &reduced)?;
+        let scaled = normed.binary_impl::<op::Mul>(
+            weight,
+            &contiguous,
+            &weight_layout.broadcast_as(shape.clone())?,
+        )?;
+        Ok((
+            scaled.binary_impl::<op::Add>(bias, &contiguous, &bias_layout.broadcast_as(shape.clone())?)?,
+            shape,
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, x_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((x, x_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let normed = centered.broadcast_mul(&rstd)?;
+        let dim = weight.dim(0)?;
+        let rows = |t: Tensor| t.reshape(((), dim));
+        let grad_weight = rows((grad * &normed)?)?.sum(0)?;
+        let grad_bias = rows(grad.clone())?.sum(0)?;
+        let g = grad.broadcast_mul(weight)?;
+        let inner = (g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+            - normed.broadcast_mul(&(&g * &normed)?.mean_keepdim(D::Minus1)?)?)?;
+        Ok((Some(inner.broadcast_mul(&rstd)?), Some(grad_weight), Some(grad_bias)))
+    }
+}
+
+/// Softmax over the last dim, with a backward pass (candle's fused `softmax_last_dim` has none).
+/// The forward runs candle's own kernels at the storage level (max, subtract, exp, sum, divide),
+/// so only the input and the result stay in the autograd graph, not the three intermediates a
+/// composition of tensor ops would keep; the backward is `y * (g - sum(g * y))`.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    let exp = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?.detach())?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+    xs.apply_op1(SoftmaxLastDim)
+}
+
+struct SoftmaxLastDim;
+
+impl SoftmaxLastDim {
+    /// `exp(x - max) / sum(exp(x - max))` along the last dim of `layout`, on any backend.
+    fn forward<S: BackendStorage>(x: &S, layout: &Layout) -> Result<(S, Shape)> {
+        let shape = layout.shape().clone();
+        let last = shape.rank() - 1;
+        let contiguous = Layout::contiguous(shape.clone());
+        let mut reduced_dims = shape.dims().to_vec();
+        reduced_dims[last] = 1;
+        let reduced = Layout::contiguous(reduced_dims).broadcast_as(shape.clone())?;
+        let max = x.reduce_op(ReduceOp::Max, layout, &[last])?;
+        let exp = x.binary_impl::<op::Sub>(&max, layout, &reduced)?.unary_impl::<op::Exp>(&contiguous)?;
+        let sum = exp.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
+        Ok((exp.binary_impl::<op::Div>(&sum, &contiguous, &reduced)?, shape))
+    }
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-with-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::forward(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::forward(storage, layout)
+    }
+
+    fn bwd(&self, _xs: &Tensor, ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&dot)? * ys)?))
+    }
 }
 
 /// Log-softmax over the last dim: `x - max - log(sum(exp(x - max)))`.
@@ -193,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn primitive_softmax_equals_the_fused_kernel() {
+    fn our_softmax_equals_the_fused_kernel() {
         let x = Tensor::new(&[[1.0f32, 2.0, -3.0, 0.5], [10.0, 10.0, 9.0, -20.0]], &Device::Cpu).unwrap();
         let ours: Vec<Vec<f32>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
         let fused: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&x).unwrap().to_vec2().unwrap();
@@ -224,6 +364,35 @@ mod tests {
             },
             &x,
         );
+    }
+
+    #[test]
+    fn layer_norm_gradients_equal_those_of_the_tensor_op_composition() {
+        let dev = Device::Cpu;
+        let (x, w, b) = (
+            Var::randn(0f32, 1.0, (3, 4, 5), &dev).unwrap(),
+            Var::randn(1f32, 0.3, 5, &dev).unwrap(),
+            Var::randn(0f32, 0.3, 5, &dev).unwrap(),
+        );
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 5), &dev).unwrap();
+        let composed = |x: &Tensor| -> Result<Tensor> {
+            let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = centered.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+            normed.broadcast_mul(w.as_tensor())?.broadcast_add(b.as_tensor())
+        };
+        let ln = LayerNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), eps: 1e-6 };
+        let (ours, theirs) = (ln.forward(x.as_tensor()).unwrap(), composed(x.as_tensor()).unwrap());
+        let diff = |a: &Tensor, b: &Tensor| {
+            a.sub(b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&ours, &theirs) < 1e-6);
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&x, &w, &b] {
+            let (a, b) = (g_ours.get(var.as_tensor()).unwrap(), g_theirs.get(var.as_tensor()).unwrap());
+            assert!(diff(a, b) < 1e-5, "gradient differs by {}", diff(a, b));
+        }
     }
 
     #[test]
