@@ -27,6 +27,11 @@ with_peak_memory() {
   return $rc
 }
 
+for packed in .gpu/bin/*.xz; do
+  [ -e "$packed" ] || continue
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$packed" "${packed%.xz}" && chmod +x "${packed%.xz}" && rm "$packed"
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 for step in $steps; do
   case $step in

@@ -14,22 +14,28 @@ fi
 # A separate target folder: switching the cuda feature on and off would rebuild candle each time.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 
-# The executables cargo builds for these targets, one path per line.
-executables() {
-  cargo "$@" --release --features cuda --locked --message-format=json \
+# The executable cargo builds for `cargo ARGS...` (a release build with the cuda feature).
+executable() {
+  local exe
+  exe=$(cargo "$@" --features cuda --locked --message-format=json \
     | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["executable"])'
+        print(m["executable"])' | tail -1)
+  [ -n "$exe" ] || { echo "cargo $*: no executable built" >&2; exit 1; }
+  echo "$exe"
 }
 
 rm -rf .gpu && mkdir -p .gpu/bin
-for exe in $(executables build --bin dinostream) \
-           $(executables test --no-run --test integration) \
-           $(executables bench --no-run --bench train_step); do
+# Stripped and xz-compressed (candle's PTX makes each ~60 MB, ~8 MB packed); gpu-check.sh unpacks.
+for target in "build --release --bin dinostream" "test --release --no-run --test integration" \
+              "bench --no-run --bench train_step"; do
+  # shellcheck disable=SC2086
+  exe=$(executable $target)
   name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
   strip -o ".gpu/bin/$name" "$exe"
+  xz -T2 -6 ".gpu/bin/$name"
 done
 cp -r "$shared/reference" .gpu/reference
 cp "$shared/cuda/with-cuda-libs.sh" .gpu/
