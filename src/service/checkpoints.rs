@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Precision;
 use crate::dino::{Trainer, checkpoint};
 use crate::fsio;
 use crate::stream::MixerState;
@@ -80,11 +81,13 @@ pub fn save(state_dir: &Path, trainer: &Trainer, state: &ServeState, keep: usize
     Ok(done)
 }
 
-/// The newest checkpoint that reads back completely, or `None` when there is none.
-pub fn load_newest(state_dir: &Path, device: &Device) -> Result<Option<Resumed>> {
+/// The newest checkpoint that reads back completely, or `None` when there is none. The run goes
+/// on with the stored settings, but in the `precision` configured now (an execution choice, like
+/// the device).
+pub fn load_newest(state_dir: &Path, device: &Device, precision: Precision) -> Result<Option<Resumed>> {
     let root = dir(state_dir);
     for dir in list(&root)?.into_iter().rev() {
-        match load(&dir, device) {
+        match load(&dir, device, precision) {
             Ok(state) => return Ok(Some(state)),
             Err(e) => log::warn!("{}: skipping this checkpoint: {e:#}", dir.display()),
         }
@@ -92,8 +95,8 @@ pub fn load_newest(state_dir: &Path, device: &Device) -> Result<Option<Resumed>>
     Ok(None)
 }
 
-fn load(dir: &Path, device: &Device) -> Result<Resumed> {
-    let trainer = checkpoint::load(dir, device)?;
+fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Resumed> {
+    let trainer = checkpoint::load_with(dir, device, |setup| setup.train.precision = precision)?;
     let path = dir.join(SERVE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     let state: ServeState = postcard::from_bytes(&bytes)
@@ -169,7 +172,7 @@ mod tests {
         for step in [0, 0] {
             save(dir.path(), &trainer, &state(step), 2).unwrap();
         }
-        let resumed = load_newest(dir.path(), &Device::Cpu).unwrap().unwrap();
+        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::F32).unwrap().unwrap();
         assert_eq!(resumed.state, state(0));
         assert!(resumed.dir.ends_with("step-000000000000"));
         assert_eq!(list(&super::dir(dir.path())).unwrap().len(), 1);
@@ -183,8 +186,16 @@ mod tests {
         let fake = super::dir(dir.path()).join("step-000000000009");
         std::fs::create_dir_all(&fake).unwrap();
         std::fs::write(fake.join(SERVE_FILE), b"garbage").unwrap();
-        let resumed = load_newest(dir.path(), &Device::Cpu).unwrap().unwrap();
+        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::F32).unwrap().unwrap();
         assert_eq!(resumed.state.step, 0);
-        assert!(load_newest(&dir.path().join("nothing"), &Device::Cpu).unwrap().is_none());
+        assert!(load_newest(&dir.path().join("nothing"), &Device::Cpu, Precision::F32).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_resumed_run_takes_the_configured_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &micro_trainer(), &state(0), 2).unwrap();
+        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::Bf16).unwrap().unwrap();
+        assert_eq!(resumed.trainer.setup().train.precision, Precision::Bf16);
     }
 }

@@ -629,7 +629,7 @@ impl Service {
 /// The trainer, mixer, sample counter and step to continue from: the newest checkpoint, or a
 /// fresh run.
 fn resume_or_begin(cfg: &Config, device: &candle_core::Device) -> Result<(Trainer, Mixer, u64, u64)> {
-    if let Some(resumed) = checkpoints::load_newest(&cfg.serve.state_dir, device)? {
+    if let Some(resumed) = checkpoints::load_newest(&cfg.serve.state_dir, device, cfg.train.precision)? {
         let step = resumed.state.step;
         log::info!("resuming from {} (step {step})", resumed.dir.display());
         let mixer = Mixer::restore(&cfg.stream, resumed.state.mixer);
