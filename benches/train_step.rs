@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use dinostream::config::{ModelConfig, SEED_BANDS, TrainConfig};
+use dinostream::config::{ModelConfig, Precision, SEED_BANDS, TrainConfig};
 use dinostream::dino::schedule::ScheduleSpan;
 use dinostream::dino::{Trainer, TrainerSetup};
 
@@ -48,6 +48,9 @@ struct Args {
     local: usize,
     #[arg(long, default_value_t = 6)]
     local_crops: usize,
+    /// Matrix-product arithmetic: f32, tf32 (CUDA) or bf16.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -104,7 +107,7 @@ fn main() -> anyhow::Result<()> {
     let result = serde_json::json!({
         "what": "dinostream_train_bench", "preset": args.preset, "batch": args.batch, "out_dim": args.out_dim,
         "crops": format!("2x{}+{}x{}", args.img, args.local_crops, args.local),
-        "steps": args.steps, "warmup": args.warmup, "device": args.device, "precision": "f32",
+        "steps": args.steps, "warmup": args.warmup, "device": args.device, "precision": args.precision,
         "ms_per_iter": round3(ms), "images_per_s": round3(args.batch as f64 * 1000.0 / ms),
         "crops_per_s": round3((args.batch * (2 + args.local_crops)) as f64 * 1000.0 / ms),
         "warmup_s": round3(warm_s), "final_loss": loss,
@@ -126,6 +129,7 @@ fn trainer(args: &Args, device: &Device) -> anyhow::Result<Trainer> {
         warmup_teacher_temp: 0.04,
         teacher_temp: 0.04,
         log_every_steps: usize::MAX,
+        precision: args.precision,
         ..TrainConfig::default()
     };
     let bands: Vec<String> = SEED_BANDS.iter().map(|b| b.to_string()).collect();

@@ -3,7 +3,7 @@
 #  1. the golden training steps on CUDA against the same steps on the CPU (max abs diff <= 1e-4),
 #  2. `dinostream train --device cuda` on real tiles, loss per step in metrics.jsonl,
 #  3. the training-step benchmark, dinostream then PyTorch (`dino_ref.py bench`), same GPU, same run,
-#     each with its peak GPU memory read by nvidia-smi every 100 ms.
+#     in f32, TF32 and bf16, each with its peak GPU memory read by nvidia-smi every 100 ms.
 # Everything it prints also lands in $OUT (the device tool brings that folder back).
 #   bash scripts/gpu-check.sh [golden] [train] [bench]      (all three when none is named)
 set -uo pipefail
@@ -45,10 +45,13 @@ for step in $steps; do
     bench)
       # Warm-up first: the first CUDA launch JIT-compiles candle's PTX (about 11 s).
       with_libs .gpu/bin/train_step --device cuda --steps 2 --warmup 1 > /dev/null
-      with_peak_memory candle-f32 with_libs .gpu/bin/train_step --device cuda \
-        | tee -a "$out/bench.jsonl"
-      with_peak_memory torch-fp32 python3 .gpu/reference/dino_ref.py bench --arch small --batch 64 \
-        --out-dim 65536 | tee -a "$out/bench.jsonl" ;;
+      for mode in "f32 " "tf32 --tf32" "bf16 --amp bf16"; do
+        set -- $mode
+        with_peak_memory "candle-$1" with_libs .gpu/bin/train_step --device cuda --precision "$1" \
+          | tee -a "$out/bench.jsonl"
+        with_peak_memory "torch-$1" python3 .gpu/reference/dino_ref.py bench --arch small --batch 64 \
+          --out-dim 65536 ${2:-} ${3:-} | tee -a "$out/bench.jsonl"
+      done ;;
     *) echo "unknown step $step (golden, train, bench)" >&2; exit 2 ;;
   esac
 done
