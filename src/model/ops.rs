@@ -85,6 +85,34 @@ impl Module for LayerNorm {
     }
 }
 
+/// The layouts of a reduction over the last dim at the storage level: the input's shape, its last
+/// axis, a fresh contiguous result, the reduced `[..., 1]` result, and that broadcast back.
+struct LastDim {
+    shape: Shape,
+    last: usize,
+    contiguous: Layout,
+    reduced_contiguous: Layout,
+    reduced: Layout,
+}
+
+impl LastDim {
+    fn of(layout: &Layout) -> Result<LastDim> {
+        let shape = layout.shape().clone();
+        let last = shape.rank() - 1;
+        let mut reduced_dims = shape.dims().to_vec();
+        reduced_dims[last] = 1;
+        let reduced_contiguous = Layout::contiguous(reduced_dims);
+        let reduced = reduced_contiguous.broadcast_as(shape.clone())?;
+        Ok(LastDim {
+            contiguous: Layout::contiguous(shape.clone()),
+            shape,
+            last,
+            reduced_contiguous,
+            reduced,
+        })
+    }
+}
+
 /// LayerNorm over the last dim as one autograd node: the forward runs candle's kernels at the
 /// storage level, so the graph keeps the input and the output only (a composition of tensor ops
 /// keeps five full-size intermediates); the backward recomputes the normalised input and applies
@@ -101,14 +129,8 @@ impl LayerNormOp {
         (weight, weight_layout): (&S, &Layout),
         (bias, bias_layout): (&S, &Layout),
     ) -> Result<(S, Shape)> {
-        let shape = layout.shape().clone();
-        let last = shape.rank() - 1;
+        let LastDim { shape, last, contiguous, reduced_contiguous, reduced } = LastDim::of(layout)?;
         let n = shape.dims()[last] as f64;
-        let contiguous = Layout::contiguous(shape.clone());
-        let mut reduced_dims = shape.dims().to_vec();
-        reduced_dims[last] = 1;
-        let reduced_contiguous = Layout::contiguous(reduced_dims);
-        let reduced = reduced_contiguous.broadcast_as(shape.clone())?;
         let mean = x.reduce_op(ReduceOp::Sum, layout, &[last])?.affine(&reduced_contiguous, 1.0 / n, 0.0)?;
         let centered = x.binary_impl::<op::Sub>(&mean, layout, &reduced)?;
         let sum_sq =
@@ -195,12 +217,7 @@ struct SoftmaxLastDim;
 impl SoftmaxLastDim {
     /// `exp(x - max) / sum(exp(x - max))` along the last dim of `layout`, on any backend.
     fn forward<S: BackendStorage>(x: &S, layout: &Layout) -> Result<(S, Shape)> {
-        let shape = layout.shape().clone();
-        let last = shape.rank() - 1;
-        let contiguous = Layout::contiguous(shape.clone());
-        let mut reduced_dims = shape.dims().to_vec();
-        reduced_dims[last] = 1;
-        let reduced = Layout::contiguous(reduced_dims).broadcast_as(shape.clone())?;
+        let LastDim { shape, last, contiguous, reduced, .. } = LastDim::of(layout)?;
         let max = x.reduce_op(ReduceOp::Max, layout, &[last])?;
         let exp = x.binary_impl::<op::Sub>(&max, layout, &reduced)?.unary_impl::<op::Exp>(&contiguous)?;
         let sum = exp.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
