@@ -39,7 +39,7 @@ for step in $steps; do
       DINOSTREAM_TEST_ROOT=$PWD with_libs .gpu/bin/integration cuda_ --nocapture --test-threads 1 \
         2>&1 | tee "$out/golden.log" ;;
     train)
-      with_libs .gpu/bin/dinostream train --device cuda --data .gpu/data/bigearthnet-s2 --steps 200 \
+      with_libs .gpu/bin/dinostream train --device cuda --data .gpu/data/bigearthnet-s2 --steps 200 --time-limit 90s \
         --model vit-small-p8 --batch-size 64 --checkpoint "$out/ck" --metrics "$out/train-metrics.jsonl" \
         2>&1 | tail -40 | tee "$out/train.log" ;;
     bench)
