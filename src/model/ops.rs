@@ -9,7 +9,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{self, ReduceOp};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn::{Init, VarBuilder};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -19,12 +21,87 @@ pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 /// `a @ b` computed in `dtype` and returned in `a`'s dtype: with `BF16` both operands are rounded
 /// to bf16 and the product (f32-accumulated by the GEMM) comes back as f32, what PyTorch's bf16
-/// autocast does for `matmul`, `linear` and `conv`. Gradients flow through the casts in f32.
+/// autocast does for `matmul`, `linear` and `conv`. One autograd node: the graph keeps the f32
+/// operands only, not their bf16 copies nor the bf16 product; the backward's products run in
+/// `dtype` too.
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     if dtype == a.dtype() {
         return a.matmul(b);
     }
-    a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
+    a.apply_op2(b, MatmulIn { dtype })
+}
+
+struct MatmulIn {
+    dtype: DType,
+}
+
+impl MatmulIn {
+    /// Cast both operands to `self.dtype`, multiply (batched over leading dims), cast back.
+    fn forward<S: BackendStorage>(
+        &self,
+        (a, a_layout): (&S, &Layout),
+        (b, b_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let (a_dims, b_dims) = (a_layout.dims(), b_layout.dims());
+        let rank = a_dims.len();
+        if rank < 2
+            || b_dims.len() != rank
+            || a_dims[..rank - 2] != b_dims[..rank - 2]
+            || a_dims[rank - 1] != b_dims[rank - 2]
+        {
+            candle_core::bail!("matmul_in: shapes {a_dims:?} and {b_dims:?} do not multiply");
+        }
+        let (m, k, n) = (a_dims[rank - 2], a_dims[rank - 1], b_dims[rank - 1]);
+        let batch = a_dims[..rank - 2].iter().product();
+        let (a16, b16) = (a.to_dtype(a_layout, self.dtype)?, b.to_dtype(b_layout, self.dtype)?);
+        let (a16_layout, b16_layout) = (Layout::contiguous(a_dims), Layout::contiguous(b_dims));
+        let product = a16.matmul(&b16, (batch, m, n, k), &a16_layout, &b16_layout)?;
+        let mut out_dims = a_dims.to_vec();
+        out_dims[rank - 1] = n;
+        let out = Layout::contiguous(out_dims);
+        Ok((product.to_dtype(&out, a.dtype())?, out.shape().clone()))
+    }
+}
+
+impl CustomOp2 for MatmulIn {
+    fn name(&self) -> &'static str {
+        "matmul-in-dtype"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((a, a_layout), (b, b_layout))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        a_layout: &Layout,
+        b: &candle_core::CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((a, a_layout), (b, b_layout))
+    }
+
+    /// `da = g @ b^T`, `db = a^T @ g`, each product in `dtype` (as autocast's backward).
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let rank = a.rank();
+        let grad_a = matmul_in(grad, &b.transpose(rank - 2, rank - 1)?, self.dtype)?;
+        let grad_b = matmul_in(&a.transpose(rank - 2, rank - 1)?, grad, self.dtype)?;
+        Ok((Some(grad_a), Some(grad_b)))
+    }
 }
 
 /// `nn.Linear(in, out)` with DINO's init (weight trunc-normal .02, bias 0). Names `weight`, `bias`.
