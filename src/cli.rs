@@ -585,23 +585,29 @@ fn eval_command(args: &EvalArgs, tile: &TileConfig) -> Result<()> {
         bank.len(),
         query.len()
     );
+    let split = EvalSplit { xb: &xb, bank: &bank, xq: &xq, query: &query, d, classes: &classes };
     if bank.iter().chain(&query).any(|f| f.labels.len() != 1) {
-        print_multilabel_eval(&xb, &bank, &xq, &query, d, &classes);
+        print_multilabel_eval(&split);
     } else {
-        print_single_label_eval(&xb, &bank, &xq, &query, d, &classes);
+        print_single_label_eval(&split);
     }
     Ok(())
 }
 
-/// k-NN and linear-probe accuracy, per class and overall.
-fn print_single_label_eval(
-    xb: &[f32],
-    bank: &[knn::LabelledFile],
-    xq: &[f32],
-    query: &[knn::LabelledFile],
+/// What eval compares: bank and query features `[files, d]` with their labelled files, and the
+/// classes found in both.
+struct EvalSplit<'a> {
+    xb: &'a [f32],
+    bank: &'a [knn::LabelledFile],
+    xq: &'a [f32],
+    query: &'a [knn::LabelledFile],
     d: usize,
-    classes: &[String],
-) {
+    classes: &'a [String],
+}
+
+/// k-NN and linear-probe accuracy, per class and overall.
+fn print_single_label_eval(split: &EvalSplit) {
+    let EvalSplit { xb, bank, xq, query, d, classes } = *split;
     let (yb, yq) = (class_indices(bank, classes), class_indices(query, classes));
     let report = knn::evaluate(xb, &yb, xq, &yq, d, classes.len());
     println!("{:<24} {:>8} {:>8} {:>6}", "class", "knn", "linear", "n");
@@ -615,14 +621,8 @@ fn print_single_label_eval(
 }
 
 /// Multi-label (BigEarthNet) weighted k-NN: micro mAP and micro F1 at 0.5.
-fn print_multilabel_eval(
-    xb: &[f32],
-    bank: &[knn::LabelledFile],
-    xq: &[f32],
-    query: &[knn::LabelledFile],
-    d: usize,
-    classes: &[String],
-) {
+fn print_multilabel_eval(split: &EvalSplit) {
+    let EvalSplit { xb, bank, xq, query, d, classes } = *split;
     let targets = |files: &[knn::LabelledFile]| -> Vec<f32> {
         files.iter().flat_map(|f| classes.iter().map(|c| f32::from(u8::from(f.labels.contains(c))))).collect()
     };
