@@ -4,8 +4,12 @@
 //! training path defines its own LayerNorm and softmax as single autograd nodes with a backward
 //! (forward from candle's primitive kernels, on any device). Also here: the linear layer (2-D matmul
 //! over flattened leading dims, so its backward never materialises a broadcast weight), stochastic
-//! depth, the bicubic matrix that resizes the positional embedding exactly like PyTorch, and the
-//! matrix product of bf16 mixed precision.
+//! depth, the bicubic matrix that resizes the positional embedding exactly like PyTorch, the
+//! matrix product of bf16 mixed precision, and attention as one node that keeps no `N x N` matrix.
+//!
+//! The backward passes return detached gradients: a gradient computed from tracked tensors would
+//! otherwise carry its own graph (the upstream gradient, recomputed intermediates) and candle
+//! keeps the gradients of variables, with that graph, until the backward pass ends.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{self, ReduceOp};
@@ -35,31 +39,40 @@ struct MatmulIn {
     dtype: DType,
 }
 
+/// `a @ b` at the storage level (batched over leading dims, either operand may be a transposed
+/// view), computed in `dtype` and returned in `a`'s dtype; see [`matmul_in`].
+fn product<S: BackendStorage>(
+    (a, a_layout): (&S, &Layout),
+    (b, b_layout): (&S, &Layout),
+    dtype: DType,
+) -> Result<(S, Shape)> {
+    let (a_dims, b_dims) = (a_layout.dims(), b_layout.dims());
+    let rank = a_dims.len();
+    if rank < 2
+        || b_dims.len() != rank
+        || a_dims[..rank - 2] != b_dims[..rank - 2]
+        || a_dims[rank - 1] != b_dims[rank - 2]
+    {
+        candle_core::bail!("matmul: shapes {a_dims:?} and {b_dims:?} do not multiply");
+    }
+    let (m, k, n) = (a_dims[rank - 2], a_dims[rank - 1], b_dims[rank - 1]);
+    let batch = a_dims[..rank - 2].iter().product();
+    let mut out_dims = a_dims.to_vec();
+    out_dims[rank - 1] = n;
+    let out = Layout::contiguous(out_dims);
+    if dtype == a.dtype() {
+        let product = a.matmul(b, (batch, m, n, k), a_layout, b_layout)?;
+        return Ok((product, out.shape().clone()));
+    }
+    let (a16, b16) = (a.to_dtype(a_layout, dtype)?, b.to_dtype(b_layout, dtype)?);
+    let (a16_layout, b16_layout) = (Layout::contiguous(a_dims), Layout::contiguous(b_dims));
+    let product = a16.matmul(&b16, (batch, m, n, k), &a16_layout, &b16_layout)?;
+    Ok((product.to_dtype(&out, a.dtype())?, out.shape().clone()))
+}
+
 impl MatmulIn {
-    /// Cast both operands to `self.dtype`, multiply (batched over leading dims), cast back.
-    fn forward<S: BackendStorage>(
-        &self,
-        (a, a_layout): (&S, &Layout),
-        (b, b_layout): (&S, &Layout),
-    ) -> Result<(S, Shape)> {
-        let (a_dims, b_dims) = (a_layout.dims(), b_layout.dims());
-        let rank = a_dims.len();
-        if rank < 2
-            || b_dims.len() != rank
-            || a_dims[..rank - 2] != b_dims[..rank - 2]
-            || a_dims[rank - 1] != b_dims[rank - 2]
-        {
-            candle_core::bail!("matmul_in: shapes {a_dims:?} and {b_dims:?} do not multiply");
-        }
-        let (m, k, n) = (a_dims[rank - 2], a_dims[rank - 1], b_dims[rank - 1]);
-        let batch = a_dims[..rank - 2].iter().product();
-        let (a16, b16) = (a.to_dtype(a_layout, self.dtype)?, b.to_dtype(b_layout, self.dtype)?);
-        let (a16_layout, b16_layout) = (Layout::contiguous(a_dims), Layout::contiguous(b_dims));
-        let product = a16.matmul(&b16, (batch, m, n, k), &a16_layout, &b16_layout)?;
-        let mut out_dims = a_dims.to_vec();
-        out_dims[rank - 1] = n;
-        let out = Layout::contiguous(out_dims);
-        Ok((product.to_dtype(&out, a.dtype())?, out.shape().clone()))
+    fn forward<S: BackendStorage>(&self, a: (&S, &Layout), b: (&S, &Layout)) -> Result<(S, Shape)> {
+        product(a, b, self.dtype)
     }
 }
 
@@ -100,7 +113,7 @@ impl CustomOp2 for MatmulIn {
         let rank = a.rank();
         let grad_a = matmul_in(grad, &b.transpose(rank - 2, rank - 1)?, self.dtype)?;
         let grad_b = matmul_in(&a.transpose(rank - 2, rank - 1)?, grad, self.dtype)?;
-        Ok((Some(grad_a), Some(grad_b)))
+        Ok((Some(grad_a.detach()), Some(grad_b.detach())))
     }
 }
 
@@ -128,14 +141,85 @@ impl Module for Linear {
         let dims = xs.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = xs.elem_count() / in_dim;
-        let ys = matmul_in(&xs.reshape((rows, in_dim))?, &self.weight.t()?, self.matmul)?;
-        let ys = match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
-        };
+        let ys = linear(&xs.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref(), self.matmul)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("a linear input has at least one dim") = self.weight.dim(0)?;
         ys.reshape(out_dims)
+    }
+}
+
+/// `x W^T + b` for `x` `[rows, in]`, `W` `[out, in]`, product in `matmul` (see [`matmul_in`]).
+/// With a bias it is one autograd node (PyTorch's `addmm`): the graph keeps x, W and b, not the
+/// product before the bias is added. The arithmetic is that of `matmul_in` then `broadcast_add`.
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, matmul: DType) -> Result<Tensor> {
+    match bias {
+        Some(bias) => xs.apply_op3(weight, bias, LinearOp { matmul }),
+        None => matmul_in(xs, &weight.t()?, matmul),
+    }
+}
+
+struct LinearOp {
+    matmul: DType,
+}
+
+impl LinearOp {
+    /// The forward pass at the storage level, on any backend.
+    fn forward<S: BackendStorage>(
+        &self,
+        xs: (&S, &Layout),
+        (weight, weight_layout): (&S, &Layout),
+        (bias, bias_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let (ys, shape) = product(xs, (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
+        let bias_rows = bias_layout.broadcast_as(shape.clone())?;
+        Ok((ys.binary_impl::<op::Add>(bias, &Layout::contiguous(&shape), &bias_rows)?, shape))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((xs, xs_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((xs, xs_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    /// `dx = g W`, `dW = (x^T g)^T`, `db = sum_rows(g)`: the backward of the product with the
+    /// transposed weight and of the broadcast add.
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_xs = matmul_in(grad, weight, self.matmul)?;
+        let grad_weight = matmul_in(&xs.t()?, grad, self.matmul)?.t()?;
+        let grad_bias = grad.sum_keepdim(0)?.squeeze(0)?;
+        Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
     }
 }
 
@@ -277,7 +361,8 @@ impl CustomOp3 for LayerNormOp {
         let g = grad.broadcast_mul(weight)?;
         let inner = (g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
             - normed.broadcast_mul(&(&g * &normed)?.mean_keepdim(D::Minus1)?)?)?;
-        Ok((Some(inner.broadcast_mul(&rstd)?), Some(grad_weight), Some(grad_bias)))
+        let grad_xs = inner.broadcast_mul(&rstd)?;
+        Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
     }
 }
 
@@ -322,7 +407,117 @@ impl CustomOp1 for SoftmaxLastDim {
 
     fn bwd(&self, _xs: &Tensor, ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&dot)? * ys)?))
+        Ok(Some((grad.broadcast_sub(&dot)? * ys)?.detach()))
+    }
+}
+
+/// Multi-head self-attention's core, `softmax(q k^T * scale) v` per head, from the fused
+/// projection `qkv` `[B, N, 3 * H * d]` (DINO's `reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)`)
+/// to the heads' outputs side by side, `[B, N, H * d]`. One autograd node, what
+/// `F.scaled_dot_product_attention` is to PyTorch: the graph keeps `qkv` and the output, none of
+/// the per-head copies of q, k and v nor the `[B, H, N, N]` logits and probabilities (a
+/// composition of tensor ops keeps three of those per block, most of a ViT step's memory). The
+/// backward recomputes the probabilities. Products run in `matmul` as [`matmul_in`], the softmax
+/// in f32; the arithmetic is that of the composition, op for op, in both passes.
+pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64, matmul: DType) -> Result<Tensor> {
+    let (_, _, width) = qkv.dims3()?;
+    if num_heads == 0 || width % (3 * num_heads) != 0 {
+        candle_core::bail!("attention: qkv width {width} is not 3 x {num_heads} heads x head dim");
+    }
+    qkv.apply_op1(Attention { num_heads, scale, matmul })
+}
+
+struct Attention {
+    num_heads: usize,
+    scale: f64,
+    matmul: DType,
+}
+
+impl Attention {
+    /// `[B, N, 3 H d]` -> the layout of `[3, B, H, N, d]` over the same elements.
+    fn heads(&self, qkv: &Layout) -> Result<Layout> {
+        let (b, n, width) = qkv.shape().dims3()?;
+        let (h, d) = (self.num_heads, width / (3 * self.num_heads));
+        Layout::contiguous_with_offset((b, n, 3, h, d), qkv.start_offset()).permute(&[2, 0, 3, 1, 4])
+    }
+
+    /// The forward pass at the storage level, on any backend. q, k and v are gathered into
+    /// contiguous `[B, H, N, d]` copies in `matmul`'s dtype (freed on return).
+    fn forward<S: BackendStorage>(&self, qkv: &S, layout: &Layout) -> Result<(S, Shape)> {
+        if !layout.is_contiguous() {
+            candle_core::bail!("attention: qkv must be contiguous");
+        }
+        let heads = self.heads(layout)?;
+        let (_, b, h, n, d) = heads.shape().dims5()?;
+        let part = |i: usize| qkv.to_dtype(&heads.narrow(0, i, 1)?, self.matmul);
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let per_head = Layout::contiguous((b, h, n, d));
+        let (logits, square) = product_in_place((&q, &per_head), (&k, &per_head.transpose(2, 3)?))?;
+        let scaled = cast(logits, &square, qkv.dtype())?.affine(&square, self.scale, 0.0)?;
+        let (probs, _) = SoftmaxLastDim::forward(&scaled, &square)?;
+        let probs = cast(probs, &square, self.matmul)?;
+        let (out, _) = product_in_place((&probs, &square), (&v, &per_head))?;
+        // [B, H, N, d] read as [B, N, H, d]: copied contiguous, in the input dtype.
+        let side_by_side = per_head.transpose(1, 2)?;
+        Ok((out.to_dtype(&side_by_side, qkv.dtype())?, Shape::from((b, n, h * d))))
+    }
+
+    /// q, k, v as `[B, H, N, d]` tensors (the backward's inputs).
+    fn split(&self, qkv: &Tensor) -> Result<[Tensor; 3]> {
+        let (b, n, width) = qkv.dims3()?;
+        let (h, d) = (self.num_heads, width / (3 * self.num_heads));
+        let heads = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+        Ok([heads.get(0)?.contiguous()?, heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?])
+    }
+}
+
+/// `a @ b` at the storage level in the operands' own dtype; returns the product and its layout.
+fn product_in_place<S: BackendStorage>(a: (&S, &Layout), b: (&S, &Layout)) -> Result<(S, Layout)> {
+    let (product, shape) = product(a, b, a.0.dtype())?;
+    Ok((product, Layout::contiguous(shape)))
+}
+
+/// `x` (contiguous, `layout`) in `dtype`: itself when it is already, else a converted copy.
+fn cast<S: BackendStorage>(x: S, layout: &Layout, dtype: DType) -> Result<S> {
+    if x.dtype() == dtype { Ok(x) } else { x.to_dtype(layout, dtype) }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-with-backward"
+    }
+
+    fn cpu_fwd(&self, qkv: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward(qkv, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward(qkv, layout)
+    }
+
+    /// With `p` the recomputed probabilities and `g` the output gradient per head:
+    /// `dv = p^T g`, `dp = g v^T`, `ds = (dp - sum(dp * p)) * p * scale`, `dq = ds k`,
+    /// `dk = (q^T ds)^T` (the backward of matmul, scale and softmax, in that order), stacked back
+    /// into the `qkv` layout.
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let [q, k, v] = self.split(qkv)?;
+        let (b, n, width) = qkv.dims3()?;
+        let h = self.num_heads;
+        let grad = grad.reshape((b, n, h, width / (3 * h)))?.transpose(1, 2)?.contiguous()?;
+        let probs = softmax_last_dim(&(matmul_in(&q, &k.t()?, self.matmul)? * self.scale)?)?;
+        let grad_v = matmul_in(&probs.t()?, &grad, self.matmul)?;
+        let grad_probs = matmul_in(&grad, &v.t()?, self.matmul)?;
+        let dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
+        let grad_logits = ((grad_probs.broadcast_sub(&dot)? * &probs)? * self.scale)?;
+        let grad_q = matmul_in(&grad_logits, &k, self.matmul)?;
+        let grad_k = matmul_in(&q.t()?, &grad_logits, self.matmul)?.t()?;
+        let stacked = Tensor::stack(&[grad_q, grad_k, grad_v], 0)?;
+        Ok(Some(stacked.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((b, n, width))?.detach()))
     }
 }
 
@@ -486,6 +681,35 @@ mod tests {
         for var in [&x, &w, &b] {
             let (a, b) = (g_ours.get(var.as_tensor()).unwrap(), g_theirs.get(var.as_tensor()).unwrap());
             assert!(diff(a, b) < 1e-5, "gradient differs by {}", diff(a, b));
+        }
+    }
+
+    #[test]
+    fn attention_equals_the_tensor_op_composition_in_both_passes() {
+        let dev = Device::Cpu;
+        let (b, n, h, d) = (2, 7, 3, 4);
+        let qkv = Var::randn(0f32, 1.0, (b, n, 3 * h * d), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev).unwrap();
+        // DINO's Attention.forward between the qkv and the proj layers.
+        let composed = |dtype: DType| -> Result<Tensor> {
+            let heads = qkv.as_tensor().reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+            let (q, k, v) =
+                (heads.get(0)?.contiguous()?, heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?);
+            let attn = softmax_last_dim(&(matmul_in(&q, &k.t()?, dtype)? * 0.5)?)?;
+            matmul_in(&attn, &v, dtype)?.transpose(1, 2)?.reshape((b, n, h * d))
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            a.sub(b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let ours = attention(qkv.as_tensor(), h, 0.5, dtype).unwrap();
+            let theirs = composed(dtype).unwrap();
+            assert_eq!(max_diff(&ours, &theirs), 0.0, "{dtype:?} forward");
+            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g_ours.get(qkv.as_tensor()).unwrap(), g_theirs.get(qkv.as_tensor()).unwrap());
+            assert_eq!(max_diff(a, b), 0.0, "{dtype:?} backward");
+            assert!(a.abs().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         }
     }
 

@@ -61,11 +61,7 @@ impl Module for PatchEmbed {
             .reshape((b * gh * gw, c * p * p))?;
         let d = self.weight.dim(0)?;
         let kernel = self.weight.reshape((d, c * p * p))?;
-        ops::matmul_in(&patches, &kernel.t()?, self.matmul)?.broadcast_add(&self.bias)?.reshape((
-            b,
-            gh * gw,
-            d,
-        ))
+        ops::linear(&patches, &kernel, Some(&self.bias), self.matmul)?.reshape((b, gh * gw, d))
     }
 }
 
@@ -94,17 +90,8 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        let h = self.num_heads;
-        // qkv.reshape(B, N, 3, H, C/H).permute(2, 0, 3, 1, 4)
-        let qkv = self.qkv.forward(xs)?.reshape((b, n, 3, h, c / h))?.permute((2, 0, 3, 1, 4))?;
-        let q = qkv.i(0)?.contiguous()?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let attn = (ops::matmul_in(&q, &k.t()?, self.matmul)? * self.scale)?;
-        let attn = ops::softmax_last_dim(&attn)?;
-        let out = ops::matmul_in(&attn, &v, self.matmul)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.proj.forward(&out)
+        let qkv = self.qkv.forward(xs)?;
+        self.proj.forward(&ops::attention(&qkv, self.num_heads, self.scale, self.matmul)?)
     }
 }
 
