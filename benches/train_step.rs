@@ -51,6 +51,10 @@ struct Args {
     /// Matrix-product arithmetic: f32, tf32 (CUDA) or bf16.
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,
+    /// After the timed steps, time one more step stage by stage (forward, loss, backward, update),
+    /// with a device sync between stages, and report the memory after the forward pass.
+    #[arg(long)]
+    stages: bool,
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -112,8 +116,12 @@ fn main() -> anyhow::Result<()> {
         "crops_per_s": round3((args.batch * (2 + args.local_crops)) as f64 * 1000.0 / ms),
         "warmup_s": round3(warm_s), "final_loss": loss,
         "student_params": trainer.student_params().iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
-        "peak_heap_MiB": round3(PEAK.load(Ordering::Relaxed) as f64 / (1 << 20) as f64),
+        "peak_heap_MiB": mib(PEAK.load(Ordering::Relaxed)),
     });
+    let result = match args.stages {
+        true => with_stages(result, &mut trainer, &crops, args.warmup + args.steps)?,
+        false => result,
+    };
     println!("{result}");
     Ok(())
 }
@@ -150,6 +158,46 @@ fn run_step(trainer: &mut Trainer, crops: &[Tensor], step: usize) -> anyhow::Res
     settings.epoch = 1;
     settings.freeze_last_layer = false;
     Ok(trainer.step_with(crops, &settings)?.loss)
+}
+
+/// `result` plus `"stages"`: milliseconds of the forward passes, the loss, the backward pass and
+/// the update (clipping, AdamW, EMA) of one step, and on the CPU the heap live after the forward
+/// pass and at the peak of the backward pass.
+fn with_stages(
+    mut result: serde_json::Value,
+    trainer: &mut Trainer,
+    crops: &[Tensor],
+    step: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut settings = trainer.schedules().at(step as u64);
+    settings.epoch = 1;
+    let device = trainer.device().clone();
+    let (forward, forward_ms, forward_peak) = timed(&device, || trainer.forward(crops, &settings))?;
+    let live_after_forward = mib(LIVE.load(Ordering::Relaxed));
+    let (grads, backward_ms, backward_peak) = timed(&device, || Ok(forward.loss.loss.backward()?))?;
+    drop((grads, forward));
+    let (_, step_ms, step_peak) = timed(&device, || trainer.step_with(crops, &settings))?;
+    result["stages"] = serde_json::json!({
+        "forward_and_loss_ms": forward_ms, "backward_ms": backward_ms,
+        "update_ms": round3(step_ms - forward_ms - backward_ms), "step_ms": step_ms,
+        "peak_forward_MiB": forward_peak, "live_after_forward_MiB": live_after_forward,
+        "peak_backward_MiB": backward_peak, "peak_step_MiB": step_peak,
+    });
+    Ok(result)
+}
+
+/// `f()`, its milliseconds (device synchronised) and the peak live heap while it ran, in MiB.
+fn timed<T>(device: &Device, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64, f64)> {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    let start = Instant::now();
+    let value = f()?;
+    device.synchronize()?;
+    let ms = round3(1000.0 * start.elapsed().as_secs_f64());
+    Ok((value, ms, mib(PEAK.load(Ordering::Relaxed))))
+}
+
+fn mib(bytes: usize) -> f64 {
+    round3(bytes as f64 / (1 << 20) as f64)
 }
 
 fn round3(x: f64) -> f64 {

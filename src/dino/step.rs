@@ -94,6 +94,16 @@ pub struct StepReport {
     pub collapse: Option<Collapse>,
 }
 
+/// The forward pass of one step: both networks' outputs and the loss, with the autograd graph.
+pub struct Forward {
+    /// Teacher pass on the global crops.
+    pub teacher: MultiCropOutput,
+    /// Student pass on all crops.
+    pub student: MultiCropOutput,
+    /// Loss, new centre, teacher probabilities.
+    pub loss: LossOutput,
+}
+
 /// The forward and backward pass of one step, before any update.
 pub struct Gradients {
     /// Teacher pass on the global crops.
@@ -130,6 +140,19 @@ fn matmul_dtype(precision: Precision, device: &Device) -> DType {
         Precision::F32 | Precision::Tf32 => DType::F32,
         Precision::Bf16 => DType::BF16,
     }
+}
+
+/// `grads` with every gradient detached. candle detaches the gradients it propagates, not the
+/// ones it leaves for the variables: a weight's gradient `x^T g` still references its input
+/// activation `x`, and the store would keep the step's activations alive through the update.
+fn detached(mut grads: GradStore) -> GradStore {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(grad) = grads.get_id(id).map(Tensor::detach) {
+            grads.insert_id(id, grad);
+        }
+    }
+    grads
 }
 
 /// The head's last layer, frozen in the first `freeze_last_layer` epochs.
@@ -192,7 +215,11 @@ impl Trainer {
 
     /// One step with explicit settings (the golden tests pin them).
     pub fn step_with(&mut self, crops: &[Tensor], settings: &StepSettings) -> anyhow::Result<StepReport> {
-        let Gradients { teacher, loss, mut grads, .. } = self.gradients(crops, settings)?;
+        let Gradients { teacher, student, loss, mut grads } = self.gradients(crops, settings)?;
+        // The loss tensor holds the student's autograd graph, every activation of the step: free
+        // it before the update allocates, keeping the value only.
+        let (loss_value, graph) = (loss.loss.detach(), loss.loss);
+        drop((graph, student));
         self.optimizer.clip_gradients(&mut grads, settings.clip_grad)?;
         if settings.freeze_last_layer {
             self.optimizer.drop_gradients(&mut grads, is_last_layer);
@@ -203,11 +230,18 @@ impl Trainer {
         ema_update(&self.teacher_params, &self.student_params, settings.momentum)?;
         self.state.center = loss.center;
         self.state.step += 1;
-        self.report(settings, &loss.loss, &loss.teacher_probs, &teacher.features)
+        self.report(settings, &loss_value, &loss.teacher_probs, &teacher.features)
     }
 
     /// Forward passes, loss and backward of one step, without updating anything but the RNG.
     pub fn gradients(&mut self, crops: &[Tensor], settings: &StepSettings) -> anyhow::Result<Gradients> {
+        let Forward { teacher, student, loss } = self.forward(crops, settings)?;
+        let grads = detached(loss.loss.backward()?);
+        Ok(Gradients { teacher, student, loss, grads })
+    }
+
+    /// Forward passes and loss of one step (the first half of [`Trainer::gradients`]).
+    pub fn forward(&mut self, crops: &[Tensor], settings: &StepSettings) -> anyhow::Result<Forward> {
         if crops.len() != self.setup.ncrops {
             anyhow::bail!(
                 "batch has {} crops per sample, the run was set up for {}",
@@ -219,8 +253,7 @@ impl Trainer {
         let student = self.student.forward_t(crops, Some(&mut self.state.rng))?;
         let loss =
             self.loss.forward(&student.logits, &teacher.logits, &self.state.center, settings.teacher_temp)?;
-        let grads = loss.loss.backward()?;
-        Ok(Gradients { teacher, student, loss, grads })
+        Ok(Forward { teacher, student, loss })
     }
 
     fn report(
