@@ -63,7 +63,7 @@ impl DinoHead {
 impl Module for DinoHead {
     /// `[N, in_dim]` -> `[N, K]` logits.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = ops::l2_normalize(&self.mlp(xs)?)?;
+        let xs = ops::l2_normalize(&self.mlp(xs)?.to_dtype(self.weight_v.dtype())?)?;
         ops::matmul_in(&xs, &self.last_layer_weight()?.t()?, self.matmul)
     }
 }

@@ -130,9 +130,9 @@ pub struct Block {
 impl Block {
     fn new(cfg: &Preset, drop_path: f64, matmul: DType, vb: VarBuilder) -> Result<Block> {
         Ok(Block {
-            norm1: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, matmul, vb.pp("norm1"))?,
             attn: Attention::new(cfg, matmul, vb.pp("attn"))?,
-            norm2: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(cfg.embed_dim, cfg.layernorm_eps, matmul, vb.pp("norm2"))?,
             mlp: Mlp::new(cfg.embed_dim, cfg.mlp_hidden(), matmul, vb.pp("mlp"))?,
             drop_path,
         })
@@ -140,17 +140,17 @@ impl Block {
 
     /// `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`.
     pub fn forward_t(&self, xs: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let residual = xs;
         let branch = self.attn.forward(&self.norm1.forward(xs)?)?;
-        let xs = (residual + self.dropped(&branch, rng.as_deref_mut())?)?;
+        let xs = ops::residual(xs, &branch, self.drop_scale(xs, rng.as_deref_mut())?.as_ref())?;
         let branch = self.mlp.forward(&self.norm2.forward(&xs)?)?;
-        &xs + self.dropped(&branch, rng)?
+        ops::residual(&xs, &branch, self.drop_scale(&xs, rng)?.as_ref())
     }
 
-    fn dropped(&self, branch: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    /// Stochastic depth's per-sample factor for a branch added to `xs` (training only).
+    fn drop_scale(&self, xs: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Option<Tensor>> {
         match rng {
-            Some(rng) => ops::drop_path(branch, self.drop_path, rng),
-            None => Ok(branch.clone()),
+            Some(rng) => ops::drop_path_scale(xs.dim(0)?, xs.rank(), self.drop_path, rng, xs.device()),
+            None => Ok(None),
         }
     }
 }
@@ -189,7 +189,7 @@ impl VisionTransformer {
             cls_token: vb.get_with_hints((1, 1, d), "cls_token", TRUNC_NORMAL_02)?,
             pos_embed: vb.get_with_hints((1, tokens, d), "pos_embed", TRUNC_NORMAL_02)?,
             blocks,
-            norm: LayerNorm::new(d, cfg.layernorm_eps, vb.pp("norm"))?,
+            norm: LayerNorm::new(d, cfg.layernorm_eps, vb.dtype(), vb.pp("norm"))?,
             patch: cfg.patch_size,
             resize: RwLock::new(HashMap::new()),
         })
@@ -203,7 +203,8 @@ impl VisionTransformer {
     /// Patch embedding, cls token and positional embedding: `[B, C, H, W]` -> `[B, 1 + n, D]`.
     pub fn prepare_tokens(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = xs.dims4()?;
-        let patches = self.patch_embed.forward(xs)?;
+        // The residual stream is in the parameters' dtype (f32), whatever the products' dtype.
+        let patches = self.patch_embed.forward(xs)?.to_dtype(self.cls_token.dtype())?;
         let d = patches.dim(2)?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let tokens = Tensor::cat(&[&cls, &patches], 1)?;

@@ -1,0 +1,235 @@
+//! Matrix products in a compute dtype: [`matmul_in`], a product as one autograd node, and the
+//! linear layer ([`Linear`], [`linear`]), whose output stays in the compute dtype.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, op};
+use candle_nn::{Init, VarBuilder};
+
+use super::{TRUNC_NORMAL_02, cast};
+
+/// `a @ b` computed in `dtype` and returned in `a`'s dtype: with `BF16` and f32 operands both are
+/// rounded to bf16 and the product (f32-accumulated by the GEMM, rounded to bf16) comes back as
+/// f32, what PyTorch's bf16 autocast does for `matmul`. One autograd node: the graph keeps the
+/// operands only, not their bf16 copies; the backward's products run in `dtype` too.
+pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == a.dtype() && dtype == b.dtype() {
+        return a.matmul(b);
+    }
+    a.apply_op2(b, MatmulIn { dtype })
+}
+
+/// A storage operand as seen in a compute dtype: itself when it is in that dtype already,
+/// otherwise a converted contiguous copy (freed with this value).
+pub(super) struct Operand<'a, S> {
+    original: &'a S,
+    converted: Option<S>,
+    /// The layout of [`Operand::storage`].
+    pub layout: Layout,
+}
+
+impl<'a, S: BackendStorage> Operand<'a, S> {
+    /// `storage` (laid out as `layout`) in `dtype`.
+    pub fn new(storage: &'a S, layout: &Layout, dtype: DType) -> Result<Operand<'a, S>> {
+        if storage.dtype() == dtype {
+            return Ok(Operand { original: storage, converted: None, layout: layout.clone() });
+        }
+        let converted = storage.to_dtype(layout, dtype)?;
+        Ok(Operand {
+            original: storage,
+            converted: Some(converted),
+            layout: Layout::contiguous(layout.shape()),
+        })
+    }
+
+    /// The storage in the compute dtype.
+    pub fn storage(&self) -> &S {
+        self.converted.as_ref().unwrap_or(self.original)
+    }
+}
+
+/// `a @ b` at the storage level with the product in `dtype` (operands converted when they are
+/// not in it). Batched over leading dims; either operand may be a transposed view. Returns the
+/// product and its (contiguous) layout.
+pub(super) fn product_in<S: BackendStorage>(
+    (a, a_layout): (&S, &Layout),
+    (b, b_layout): (&S, &Layout),
+    dtype: DType,
+) -> Result<(S, Layout)> {
+    let (a_dims, b_dims) = (a_layout.dims(), b_layout.dims());
+    let rank = a_dims.len();
+    if rank < 2
+        || b_dims.len() != rank
+        || a_dims[..rank - 2] != b_dims[..rank - 2]
+        || a_dims[rank - 1] != b_dims[rank - 2]
+    {
+        candle_core::bail!("matmul: shapes {a_dims:?} and {b_dims:?} do not multiply");
+    }
+    let (m, k, n) = (a_dims[rank - 2], a_dims[rank - 1], b_dims[rank - 1]);
+    let batch = a_dims[..rank - 2].iter().product();
+    let (a, b) = (Operand::new(a, a_layout, dtype)?, Operand::new(b, b_layout, dtype)?);
+    let product = a.storage().matmul(b.storage(), (batch, m, n, k), &a.layout, &b.layout)?;
+    let mut out_dims = a_dims.to_vec();
+    out_dims[rank - 1] = n;
+    Ok((product, Layout::contiguous(out_dims)))
+}
+
+struct MatmulIn {
+    dtype: DType,
+}
+
+impl MatmulIn {
+    /// The product in `dtype`, returned in `a`'s dtype.
+    fn forward<S: BackendStorage>(&self, a: (&S, &Layout), b: (&S, &Layout)) -> Result<(S, Shape)> {
+        let (product, layout) = product_in(a, b, self.dtype)?;
+        Ok((cast(product, &layout, a.0.dtype())?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp2 for MatmulIn {
+    fn name(&self) -> &'static str {
+        "matmul-in-dtype"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((a, a_layout), (b, b_layout))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        a_layout: &Layout,
+        b: &candle_core::CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((a, a_layout), (b, b_layout))
+    }
+
+    /// `da = g @ b^T`, `db = a^T @ g`, each product in `dtype` (as autocast's backward), each
+    /// gradient in its operand's dtype.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_a = matmul_in(grad, &b.t()?, self.dtype)?.to_dtype(a.dtype())?;
+        let grad_b = matmul_in(&a.t()?, grad, self.dtype)?.to_dtype(b.dtype())?;
+        Ok((Some(grad_a.detach()), Some(grad_b.detach())))
+    }
+}
+
+/// `nn.Linear(in, out)` with DINO's init (weight trunc-normal .02, bias 0). Names `weight`, `bias`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// Arithmetic of the product and dtype of the output (see [`linear`]).
+    matmul: DType,
+}
+
+impl Linear {
+    /// A linear layer under `vb` (`vb.pp("fc1")` gives `fc1.weight`, `fc1.bias`) whose product is
+    /// computed in, and whose output is, `matmul` (`F32`, or `BF16` for mixed precision).
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, matmul: DType, vb: VarBuilder) -> Result<Linear> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", TRUNC_NORMAL_02)?;
+        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Linear { weight, bias, matmul })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim;
+        let ys = linear(&xs.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref(), self.matmul)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("a linear input has at least one dim") = self.weight.dim(0)?;
+        ys.reshape(out_dims)
+    }
+}
+
+/// `x W^T + b` for `x` `[rows, in]`, `W` `[out, in]`, computed in `matmul` and returned in it
+/// (autocast's `linear`: bf16 in, bf16 out). With a bias it is one autograd node (PyTorch's
+/// `addmm`): the graph keeps x, W and b, not the product before the bias is added. In f32 the
+/// arithmetic is that of `matmul` then `broadcast_add`.
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, matmul: DType) -> Result<Tensor> {
+    match bias {
+        Some(bias) => xs.apply_op3(weight, bias, LinearOp { matmul }),
+        None => matmul_in(&xs.to_dtype(matmul)?, &weight.t()?, matmul),
+    }
+}
+
+struct LinearOp {
+    matmul: DType,
+}
+
+impl LinearOp {
+    /// The forward pass at the storage level, on any backend.
+    fn forward<S: BackendStorage>(
+        &self,
+        xs: (&S, &Layout),
+        (weight, weight_layout): (&S, &Layout),
+        (bias, bias_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let (ys, layout) = product_in(xs, (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
+        let bias = Operand::new(bias, bias_layout, self.matmul)?;
+        let bias_rows = bias.layout.broadcast_as(layout.shape())?;
+        Ok((ys.binary_impl::<op::Add>(bias.storage(), &layout, &bias_rows)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((xs, xs_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((xs, xs_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    /// `dx = g W`, `dW = (x^T g)^T`, `db = sum_rows(g)`: the backward of the product with the
+    /// transposed weight and of the broadcast add, each gradient in its input's dtype.
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_xs = matmul_in(grad, weight, self.matmul)?.to_dtype(xs.dtype())?;
+        let grad_weight = matmul_in(&xs.t()?, grad, self.matmul)?.t()?.to_dtype(weight.dtype())?;
+        let grad_bias = grad.to_dtype(bias.dtype())?.sum_keepdim(0)?.squeeze(0)?;
+        Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
+    }
+}

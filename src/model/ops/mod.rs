@@ -1,0 +1,246 @@
+//! Training-safe building blocks: every op here has a backward pass in candle, and the heavy ones
+//! are single autograd nodes that keep only what their backward needs.
+//!
+//! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` kernels drop gradients, and a
+//! composition of tensor ops keeps every intermediate alive until the backward pass. So the
+//! training path defines its ops as custom ops whose forward runs candle's own kernels at the
+//! storage level (generic over the backend: the same code runs on CUDA) and whose backward is
+//! written out: the product in a compute dtype and the linear layer ([`matmul_in`], [`Linear`]),
+//! LayerNorm and softmax ([`LayerNorm`], [`softmax_last_dim`]), multi-head attention
+//! ([`attention`]), exact GELU and the residual add with stochastic depth ([`gelu_erf`],
+//! [`residual`]). Also here: the bicubic matrices that resize the positional embedding exactly
+//! like PyTorch ([`bicubic_grid`]).
+//!
+//! Mixed precision (`matmul = BF16`, PyTorch's bf16 autocast): products run in bf16 and the
+//! activations between them stay bf16 (layer-norm outputs that feed a product, linear and
+//! attention outputs, GELU); the residual stream, normalisation statistics, softmax and all the
+//! loss sees stay f32. With `matmul = F32` every op does exactly the arithmetic of the tensor-op
+//! composition it replaces.
+//!
+//! The backward passes return detached gradients: a gradient computed from tracked tensors would
+//! otherwise carry its own graph (the upstream gradient, recomputed intermediates), and candle
+//! keeps the variables' gradients, with that graph, until the backward pass ends.
+
+mod attention;
+mod matmul;
+mod norm;
+mod pointwise;
+mod resize;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{DType, Layout, Result};
+use candle_nn::Init;
+
+pub use attention::attention;
+pub use matmul::{Linear, linear, matmul_in};
+pub use norm::{LayerNorm, l2_normalize, log_softmax_last_dim, softmax_last_dim};
+pub use pointwise::{drop_path_scale, gelu_erf, residual};
+pub use resize::{bicubic_axis, bicubic_grid};
+
+/// DINO's `trunc_normal_(std=.02)` for Linear weights, cls token and positional embedding.
+pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+/// `x` (contiguous, `layout`) in `dtype`: itself when it is already, else a converted copy.
+fn cast<S: BackendStorage>(x: S, layout: &Layout, dtype: DType) -> Result<S> {
+    if x.dtype() == dtype { Ok(x) } else { x.to_dtype(layout, dtype) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Module, Tensor, Var};
+    use candle_nn::VarBuilder;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn grads_agree(f: impl Fn(&Tensor) -> Result<Tensor>, x: &[f32]) {
+        // Central differences in f64 against candle's backward in f32.
+        let var = Var::new(x, &Device::Cpu).unwrap();
+        let g = f(var.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = g.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+        for i in 0..x.len() {
+            let at = |h: f64| {
+                let mut y: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                y[i] += h;
+                let t = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
+                f(&t).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(1e-5) - at(-1e-5)) / 2e-5;
+            assert!(
+                (numeric - g[i] as f64).abs() < 1e-3,
+                "element {i}: numeric {numeric} vs backward {}",
+                g[i]
+            );
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let b = b.to_dtype(a.dtype()).unwrap();
+        a.sub(&b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// A layer norm whose weight and bias are the given tensors (variables, for their gradients).
+    fn layer_norm(weight: &Tensor, bias: &Tensor, out: DType) -> LayerNorm {
+        let tensors = [("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())];
+        let vb = VarBuilder::from_tensors(tensors.into(), weight.dtype(), weight.device());
+        LayerNorm::new(weight.dim(0).unwrap(), 1e-6, out, vb).unwrap()
+    }
+
+    #[test]
+    fn our_softmax_equals_the_fused_kernel() {
+        let x = Tensor::new(&[[1.0f32, 2.0, -3.0, 0.5], [10.0, 10.0, 9.0, -20.0]], &Device::Cpu).unwrap();
+        let ours: Vec<Vec<f32>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        let fused: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        for (a, b) in ours.iter().flatten().zip(fused.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let log: Vec<Vec<f32>> = log_softmax_last_dim(&x).unwrap().exp().unwrap().to_vec2().unwrap();
+        for (a, b) in log.iter().flatten().zip(fused.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn softmax_layer_norm_and_normalize_have_correct_gradients() {
+        let x = [0.3f32, -1.2, 2.0, 0.7, -0.1, 1.5];
+        let w =
+            |t: &Tensor| Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, 1.5, -1.0], t.device())?.to_dtype(t.dtype());
+        grads_agree(|t| softmax_last_dim(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| log_softmax_last_dim(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| l2_normalize(&t.reshape((3, 2))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| gelu_erf(t)?.mul(&w(t)?), &x);
+        grads_agree(
+            |t| {
+                let ln = layer_norm(
+                    &t.ones_like()?.narrow(0, 0, 3)?,
+                    &t.zeros_like()?.narrow(0, 0, 3)?,
+                    t.dtype(),
+                );
+                ln.forward(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?)
+            },
+            &x,
+        );
+    }
+
+    #[test]
+    fn layer_norm_gradients_equal_those_of_the_tensor_op_composition() {
+        let dev = Device::Cpu;
+        let (x, w, b) = (
+            Var::randn(0f32, 1.0, (3, 4, 5), &dev).unwrap(),
+            Var::randn(1f32, 0.3, 5, &dev).unwrap(),
+            Var::randn(0f32, 0.3, 5, &dev).unwrap(),
+        );
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 5), &dev).unwrap();
+        let composed = |x: &Tensor| -> Result<Tensor> {
+            let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = centered.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+            normed.broadcast_mul(w.as_tensor())?.broadcast_add(b.as_tensor())
+        };
+        let ln = layer_norm(w.as_tensor(), b.as_tensor(), DType::F32);
+        let (ours, theirs) = (ln.forward(x.as_tensor()).unwrap(), composed(x.as_tensor()).unwrap());
+        assert!(max_diff(&ours, &theirs) < 1e-6);
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&x, &w, &b] {
+            let (a, b) = (g_ours.get(var.as_tensor()).unwrap(), g_theirs.get(var.as_tensor()).unwrap());
+            assert!(max_diff(a, b) < 1e-5, "gradient differs by {}", max_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn attention_equals_the_tensor_op_composition_in_both_passes() {
+        let dev = Device::Cpu;
+        let (b, n, h, d) = (2, 7, 3, 4);
+        let qkv = Var::randn(0f32, 1.0, (b, n, 3 * h * d), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev).unwrap();
+        // DINO's Attention.forward between the qkv and the proj layers.
+        let composed = |dtype: DType| -> Result<Tensor> {
+            let heads = qkv.as_tensor().reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+            let (q, k, v) =
+                (heads.get(0)?.contiguous()?, heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?);
+            let attn = softmax_last_dim(&(matmul_in(&q, &k.t()?, dtype)? * 0.5)?)?;
+            matmul_in(&attn, &v, dtype)?.transpose(1, 2)?.reshape((b, n, h * d))
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let ours = attention(qkv.as_tensor(), h, 0.5, dtype).unwrap();
+            let theirs = composed(dtype).unwrap();
+            assert_eq!(max_diff(&ours, &theirs), 0.0, "{dtype:?} forward");
+            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g_ours.get(qkv.as_tensor()).unwrap(), g_theirs.get(qkv.as_tensor()).unwrap());
+            assert_eq!(max_diff(a, b), 0.0, "{dtype:?} backward");
+            assert!(a.abs().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        }
+    }
+
+    /// One pre-norm MLP block, `x + fc2(gelu(fc1(ln(x)))) * scale`, its output and gradients.
+    fn mlp_block(
+        x: &Var,
+        weights: &[Var; 6],
+        scale: Option<&Tensor>,
+        matmul: DType,
+    ) -> (Tensor, Vec<Tensor>) {
+        let [ln_w, ln_b, w1, b1, w2, b2] = weights;
+        let ln = layer_norm(ln_w.as_tensor(), ln_b.as_tensor(), matmul);
+        let normed = ln.forward(x.as_tensor()).unwrap();
+        let hidden =
+            gelu_erf(&linear(&normed, w1.as_tensor(), Some(b1.as_tensor()), matmul).unwrap()).unwrap();
+        let branch = linear(&hidden, w2.as_tensor(), Some(b2.as_tensor()), matmul).unwrap();
+        assert_eq!((normed.dtype(), hidden.dtype(), branch.dtype()), (matmul, matmul, matmul));
+        let out = residual(x.as_tensor(), &branch, scale).unwrap();
+        let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let all = std::iter::once(x).chain(weights);
+        (out, all.map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect())
+    }
+
+    #[test]
+    fn bf16_activations_keep_the_stream_and_the_gradients_in_f32_close_to_the_f32_block() {
+        let dev = Device::Cpu;
+        let randn = |shape: &[usize], std: f32| Var::randn(0f32, std, shape, &dev).unwrap();
+        let x = randn(&[6, 16], 1.0);
+        let weights = [
+            randn(&[16], 1.0),
+            randn(&[16], 0.1),
+            randn(&[32, 16], 0.2),
+            randn(&[32], 0.1),
+            randn(&[16, 32], 0.2),
+            randn(&[16], 0.1),
+        ];
+        let scale = drop_path_scale(6, 2, 0.5, &mut ChaCha8Rng::seed_from_u64(1), &dev).unwrap();
+        for scale in [None, scale.as_ref()] {
+            let (out32, grads32) = mlp_block(&x, &weights, scale, DType::F32);
+            let (out16, grads16) = mlp_block(&x, &weights, scale, DType::BF16);
+            assert_eq!(out16.dtype(), DType::F32);
+            assert!(max_diff(&out16, &out32) < 3e-2, "output: {}", max_diff(&out16, &out32));
+            for (i, (g16, g32)) in grads16.iter().zip(&grads32).enumerate() {
+                assert_eq!(g16.dtype(), DType::F32, "gradient {i}");
+                let size = g32.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(max_diff(g16, g32) < 3e-2 * size, "gradient {i}: {} of {size}", max_diff(g16, g32));
+            }
+        }
+    }
+
+    #[test]
+    fn drop_path_zeroes_whole_samples_and_rescales_the_rest() {
+        let x = Tensor::zeros((64, 3, 2), DType::F32, &Device::Cpu).unwrap();
+        let branch = x.ones_like().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let scale = drop_path_scale(64, 3, 0.25, &mut rng, &Device::Cpu).unwrap();
+        let y: Vec<Vec<Vec<f32>>> = residual(&x, &branch, scale.as_ref()).unwrap().to_vec3().unwrap();
+        let kept = y.iter().filter(|s| s.iter().flatten().all(|&v| (v - 1.0 / 0.75).abs() < 1e-6)).count();
+        let dropped = y.iter().filter(|s| s.iter().flatten().all(|&v| v == 0.0)).count();
+        assert_eq!(kept + dropped, 64);
+        assert!((8..=28).contains(&dropped), "{dropped} of 64 dropped at rate .25");
+        assert!(drop_path_scale(64, 3, 0.0, &mut rng, &Device::Cpu).unwrap().is_none());
+    }
+}

@@ -1,0 +1,213 @@
+//! Normalisations over the last dim: LayerNorm and softmax as single autograd nodes (candle's
+//! fused kernels for them have no backward), log-softmax and l2 normalisation.
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::{self, ReduceOp};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use super::cast;
+
+/// `nn.LayerNorm(dim, eps)` over the last dim. Names `weight`, `bias`. Statistics and affine
+/// map in the input's dtype (f32); the output in `out` (bf16 where a bf16 product consumes it,
+/// the rounding autocast applies at that product's input).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    out: DType,
+}
+
+impl LayerNorm {
+    /// A layer norm under `vb` with weight 1 and bias 0, its output in `out`.
+    pub fn new(dim: usize, eps: f64, out: DType, vb: VarBuilder) -> Result<LayerNorm> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(LayerNorm { weight, bias, eps, out })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply_op3(&self.weight, &self.bias, LayerNormOp { eps: self.eps, out: self.out })
+    }
+}
+
+/// The layouts of a reduction over the last dim at the storage level: the input's shape, its last
+/// axis, a fresh contiguous result, the reduced `[..., 1]` result, and that broadcast back.
+struct LastDim {
+    shape: Shape,
+    last: usize,
+    contiguous: Layout,
+    reduced_contiguous: Layout,
+    reduced: Layout,
+}
+
+impl LastDim {
+    fn of(layout: &Layout) -> Result<LastDim> {
+        let shape = layout.shape().clone();
+        let last = shape.rank() - 1;
+        let mut reduced_dims = shape.dims().to_vec();
+        reduced_dims[last] = 1;
+        let reduced_contiguous = Layout::contiguous(reduced_dims);
+        let reduced = reduced_contiguous.broadcast_as(shape.clone())?;
+        Ok(LastDim {
+            contiguous: Layout::contiguous(shape.clone()),
+            shape,
+            last,
+            reduced_contiguous,
+            reduced,
+        })
+    }
+}
+
+/// LayerNorm over the last dim as one autograd node: the forward runs candle's kernels at the
+/// storage level, so the graph keeps the input and the output only (a composition of tensor ops
+/// keeps five full-size intermediates); the backward recomputes the normalised input and applies
+/// the closed form `dx = rstd (g - mean(g) - n mean(g n))` with `g = grad * weight`.
+struct LayerNormOp {
+    eps: f64,
+    out: DType,
+}
+
+impl LayerNormOp {
+    /// `(x - mean) / sqrt(var + eps) * weight + bias` along the last dim, on any backend.
+    fn forward<S: BackendStorage>(
+        &self,
+        (x, layout): (&S, &Layout),
+        (weight, weight_layout): (&S, &Layout),
+        (bias, bias_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let LastDim { shape, last, contiguous, reduced_contiguous, reduced } = LastDim::of(layout)?;
+        let n = shape.dims()[last] as f64;
+        let mean = x.reduce_op(ReduceOp::Sum, layout, &[last])?.affine(&reduced_contiguous, 1.0 / n, 0.0)?;
+        let centered = x.binary_impl::<op::Sub>(&mean, layout, &reduced)?;
+        let sum_sq =
+            centered.unary_impl::<op::Sqr>(&contiguous)?.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
+        let std = sum_sq
+            .affine(&reduced_contiguous, 1.0 / n, 0.0)?
+            .affine(&reduced_contiguous, 1.0, self.eps)?
+            .unary_impl::<op::Sqrt>(&reduced_contiguous)?;
+        let normed = centered.binary_impl::<op::Div>(&std, &contiguous, &reduced)?;
+        let scaled = normed.binary_impl::<op::Mul>(
+            weight,
+            &contiguous,
+            &weight_layout.broadcast_as(shape.clone())?,
+        )?;
+        let ys =
+            scaled.binary_impl::<op::Add>(bias, &contiguous, &bias_layout.broadcast_as(shape.clone())?)?;
+        Ok((cast(ys, &contiguous, self.out)?, shape))
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, x_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward((x, x_layout), (weight, weight_layout), (bias, bias_layout))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.to_dtype(xs.dtype())?;
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let normed = centered.broadcast_mul(&rstd)?;
+        let dim = weight.dim(0)?;
+        let rows = |t: Tensor| t.reshape(((), dim));
+        let grad_weight = rows((&grad * &normed)?)?.sum(0)?;
+        let grad_bias = rows(grad.clone())?.sum(0)?;
+        let g = grad.broadcast_mul(weight)?;
+        let inner = (g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+            - normed.broadcast_mul(&(&g * &normed)?.mean_keepdim(D::Minus1)?)?)?;
+        let grad_xs = inner.broadcast_mul(&rstd)?;
+        Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
+    }
+}
+
+/// Softmax over the last dim, with a backward pass (candle's fused `softmax_last_dim` has none).
+/// The forward runs candle's own kernels at the storage level (max, subtract, exp, sum, divide),
+/// so only the input and the result stay in the autograd graph, not the three intermediates a
+/// composition of tensor ops would keep; the backward is `y * (g - sum(g * y))`.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    xs.apply_op1(SoftmaxLastDim)
+}
+
+pub(super) struct SoftmaxLastDim;
+
+impl SoftmaxLastDim {
+    /// `exp(x - max) / sum(exp(x - max))` along the last dim of `layout`, on any backend.
+    pub(super) fn forward<S: BackendStorage>(x: &S, layout: &Layout) -> Result<(S, Shape)> {
+        let LastDim { shape, last, contiguous, reduced, .. } = LastDim::of(layout)?;
+        let max = x.reduce_op(ReduceOp::Max, layout, &[last])?;
+        let exp = x.binary_impl::<op::Sub>(&max, layout, &reduced)?.unary_impl::<op::Exp>(&contiguous)?;
+        let sum = exp.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
+        Ok((exp.binary_impl::<op::Div>(&sum, &contiguous, &reduced)?, shape))
+    }
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-with-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::forward(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::forward(storage, layout)
+    }
+
+    fn bwd(&self, _xs: &Tensor, ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&dot)? * ys)?.detach()))
+    }
+}
+
+/// Log-softmax over the last dim: `x - max - log(sum(exp(x - max)))`.
+pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let shifted = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?.detach())?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// `F.normalize(x, dim=-1)`: `x / max(||x||_2, 1e-12)` row-wise.
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+    xs.broadcast_div(&norm)
+}

@@ -1,0 +1,201 @@
+//! Element-wise ops of the blocks as single autograd nodes: exact GELU with its backward in f32,
+//! and the residual add with stochastic depth, which promotes a bf16 branch to the f32 stream.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, op};
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+
+use super::matmul::Operand;
+
+/// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`), not candle's tanh `gelu`, in the
+/// input's dtype. The backward is candle's (which rounds `1/sqrt(2 pi)` to 0.398942, 7e-7
+/// relative; the golden gradients still match PyTorch's within 1e-6) evaluated in f32 for bf16
+/// inputs, as PyTorch does.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    xs.apply_op1(GeluErf)
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf-with-f32-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((storage.unary_impl::<op::GeluErf>(layout)?, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((storage.unary_impl::<op::GeluErf>(layout)?, layout.shape().clone()))
+    }
+
+    /// `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`.
+    fn bwd(&self, xs: &Tensor, _ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let x = xs.to_dtype(DType::F32)?;
+        let neg_half_square = (x.sqr()?.neg()? / 2.)?;
+        let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * &x)?;
+        let erf_scaled_sqrt = (0.5 * (&x / 2f64.sqrt())?.erf()?)?;
+        let derivative = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;
+        let grad_xs = (grad.to_dtype(DType::F32)? * derivative)?.to_dtype(xs.dtype())?;
+        Ok(Some(grad_xs.detach()))
+    }
+}
+
+/// Stochastic depth's per-sample factor (DINO `drop_path`): 0 with probability `rate`, else
+/// `1 / (1 - rate)`, shaped `[batch, 1, ...]` to `rank` dims; `None` at rate 0. Drawn on the host
+/// from `rng` (a few bytes), so runs are reproducible on every device.
+pub fn drop_path_scale(
+    batch: usize,
+    rank: usize,
+    rate: f64,
+    rng: &mut ChaCha8Rng,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    if rate == 0.0 {
+        return Ok(None);
+    }
+    let keep = 1.0 - rate;
+    let mask: Vec<f32> =
+        (0..batch).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let mut shape = vec![1; rank];
+    shape[0] = batch;
+    Ok(Some(Tensor::from_vec(mask, shape, device)?))
+}
+
+/// `x + branch * scale` in `x`'s dtype (the f32 residual stream; a bf16 branch is promoted),
+/// `scale` a per-sample factor from [`drop_path_scale`]. One autograd node that keeps only its
+/// inputs: the scaled and promoted branch is not kept.
+pub fn residual(xs: &Tensor, branch: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
+    if xs.dims() != branch.dims() {
+        candle_core::bail!("residual: stream {:?} and branch {:?} differ", xs.dims(), branch.dims());
+    }
+    match scale {
+        Some(scale) => xs.apply_op3(branch, scale, Residual),
+        None => xs.apply_op2(branch, Residual),
+    }
+}
+
+struct Residual;
+
+impl Residual {
+    /// The forward pass at the storage level, on any backend: the branch is converted to the
+    /// stream's dtype, multiplied by the broadcast scale, then added.
+    fn forward<S: BackendStorage>(
+        (xs, xs_layout): (&S, &Layout),
+        (branch, branch_layout): (&S, &Layout),
+        scale: Option<(&S, &Layout)>,
+    ) -> Result<(S, Shape)> {
+        let shape = xs_layout.shape().clone();
+        let branch = Operand::new(branch, branch_layout, xs.dtype())?;
+        let scaled = match scale {
+            Some((scale, scale_layout)) => {
+                let scale = Operand::new(scale, scale_layout, xs.dtype())?;
+                let factors = scale.layout.broadcast_as(shape.clone())?;
+                Some(branch.storage().binary_impl::<op::Mul>(scale.storage(), &branch.layout, &factors)?)
+            }
+            None => None,
+        };
+        let (addend, addend_layout) = match &scaled {
+            Some(scaled) => (scaled, Layout::contiguous(shape.clone())),
+            None => (branch.storage(), branch.layout.clone()),
+        };
+        Ok((xs.binary_impl::<op::Add>(addend, xs_layout, &addend_layout)?, shape))
+    }
+
+    /// `dx = g`, `dbranch = g * scale` in the branch's dtype.
+    fn backward(branch: &Tensor, scale: Option<&Tensor>, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let grad_branch = match scale {
+            Some(scale) => grad.broadcast_mul(&scale.to_dtype(grad.dtype())?)?,
+            None => grad.clone(),
+        };
+        Ok((grad.detach(), grad_branch.to_dtype(branch.dtype())?.detach()))
+    }
+}
+
+impl CustomOp2 for Residual {
+    fn name(&self) -> &'static str {
+        "residual-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        branch: &CpuStorage,
+        branch_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::forward((xs, xs_layout), (branch, branch_layout), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_layout: &Layout,
+        branch: &candle_core::CudaStorage,
+        branch_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::forward((xs, xs_layout), (branch, branch_layout), None)
+    }
+
+    fn bwd(
+        &self,
+        _xs: &Tensor,
+        branch: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (grad_xs, grad_branch) = Self::backward(branch, None, grad)?;
+        Ok((Some(grad_xs), Some(grad_branch)))
+    }
+}
+
+impl CustomOp3 for Residual {
+    fn name(&self) -> &'static str {
+        "residual-add-drop-path"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        branch: &CpuStorage,
+        branch_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::forward((xs, xs_layout), (branch, branch_layout), Some((scale, scale_layout)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_layout: &Layout,
+        branch: &candle_core::CudaStorage,
+        branch_layout: &Layout,
+        scale: &candle_core::CudaStorage,
+        scale_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::forward((xs, xs_layout), (branch, branch_layout), Some((scale, scale_layout)))
+    }
+
+    fn bwd(
+        &self,
+        _xs: &Tensor,
+        branch: &Tensor,
+        scale: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_xs, grad_branch) = Self::backward(branch, Some(scale), grad)?;
+        Ok((Some(grad_xs), Some(grad_branch), None))
+    }
+}
