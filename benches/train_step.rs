@@ -102,11 +102,11 @@ fn main() -> anyhow::Result<()> {
     let warm_s = warm.elapsed().as_secs_f64();
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
     let start = Instant::now();
-    let mut loss = f32::NAN;
     for step in args.warmup..args.warmup + args.steps {
-        loss = run_step(&mut trainer, &crops, step)?;
+        run_step(&mut trainer, &crops, step)?;
     }
     device.synchronize()?;
+    let loss = trainer.flush_loss()?.unwrap_or(f32::NAN);
     let ms = 1000.0 * start.elapsed().as_secs_f64() / args.steps.max(1) as f64;
     let result = serde_json::json!({
         "what": "dinostream_train_bench", "preset": args.preset, "batch": args.batch, "out_dim": args.out_dim,
@@ -153,11 +153,13 @@ fn synthetic_crops(args: &Args, device: &Device) -> anyhow::Result<Vec<Tensor>> 
     sizes.map(|px| Ok(Tensor::randn(0f32, 1.0, (args.batch, bands, px, px), device)?)).collect()
 }
 
-fn run_step(trainer: &mut Trainer, crops: &[Tensor], step: usize) -> anyhow::Result<f32> {
+/// One step; the loss stays on the device (`log_every_steps` is off), as PyTorch's bench.
+fn run_step(trainer: &mut Trainer, crops: &[Tensor], step: usize) -> anyhow::Result<()> {
     let mut settings = trainer.schedules().at(step as u64);
     settings.epoch = 1;
     settings.freeze_last_layer = false;
-    Ok(trainer.step_with(crops, &settings)?.loss)
+    trainer.step_with(crops, &settings)?;
+    Ok(())
 }
 
 /// `result` plus `"stages"`: milliseconds of the forward passes, the loss, the backward pass and

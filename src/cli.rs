@@ -409,17 +409,29 @@ fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
     bar.bar.finish_and_clear();
     match last {
         Some(last) => {
-            println!("step {}: loss {:.4}; checkpoint in {}", last.step, last.loss, args.checkpoint.display())
+            println!(
+                "step {}: loss {}; checkpoint in {}",
+                last.step,
+                shown(last.loss),
+                args.checkpoint.display()
+            )
         }
         None => println!("step 0 (initial weights); checkpoint in {}", args.checkpoint.display()),
     }
     Ok(())
 }
 
+/// A loss for people: four decimals, or "n/a" before the first one is read.
+fn shown(loss: Option<f32>) -> String {
+    loss.map_or_else(|| "n/a".to_string(), |l| format!("{l:.4}"))
+}
+
 /// A progress bar on a terminal, plus one log line every `log_every` steps (what journald sees).
 struct StepBar {
     bar: indicatif::ProgressBar,
     log_every: u64,
+    /// The last loss read (the trainer reads it every `log_every_steps` steps).
+    loss: Option<f32>,
 }
 
 impl StepBar {
@@ -430,13 +442,14 @@ impl StepBar {
                 .expect("the template is valid")
                 .progress_chars("=> "),
         );
-        StepBar { bar, log_every: log_every.max(1) }
+        StepBar { bar, log_every: log_every.max(1), loss: None }
     }
 }
 
 impl Progress for StepBar {
     fn step(&mut self, r: &StepReport, samples_per_sec: f64) {
-        let line = format!("loss {:.4} lr {:.2e} {samples_per_sec:.1} samples/s", r.loss, r.lr);
+        self.loss = r.loss.or(self.loss);
+        let line = format!("loss {} lr {:.2e} {samples_per_sec:.1} samples/s", shown(self.loss), r.lr);
         self.bar.set_position(r.step);
         self.bar.set_message(line.clone());
         if r.step % self.log_every == 0 || r.collapse.is_some() {

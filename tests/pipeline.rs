@@ -52,9 +52,12 @@ fn trained_checkpoint_loads_back_at_its_step() {
     let lines = metrics(dir.path());
     let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1, 2]);
+    // The loss is read every `train.log_every_steps` steps and after the last one.
+    assert!(lines[0].get("loss").is_none(), "{}", lines[0]);
+    assert!(lines[1]["loss"].as_f64().unwrap().is_finite(), "{}", lines[1]);
     for line in &lines {
-        assert!(line["loss"].as_f64().unwrap().is_finite(), "{line}");
         assert!(line["samples_per_s"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(line["data_wait_s"].as_f64().unwrap() >= 0.0, "{line}");
         // Collapse indicators are logged every `train.log_every_steps` (default 10) steps only.
         assert!(line.get("teacher_entropy_ratio").is_none(), "{line}");
     }

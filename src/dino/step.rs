@@ -3,9 +3,9 @@
 //! [`TrainState`] what it has done (step, centre, Adam moments, RNG). A checkpoint stores both.
 //!
 //! Order, as the reference: teacher pass on the 2 global crops, student pass on all crops, loss and
-//! centre update, backward, per-tensor clipping, last-layer freeze, AdamW, teacher EMA. The only
-//! host sync per step is reading the loss for the report; the collapse indicators add one more
-//! every `log_every_steps` steps.
+//! centre update, backward, per-tensor clipping, last-layer freeze, AdamW, teacher EMA. A step
+//! does not wait for the device: the loss is summed on the device and read, with the collapse
+//! indicators, every `log_every_steps` steps only (PyTorch's `loss.item()` per step is a host sync).
 
 use candle_core::{DType, Device, Tensor, backprop::GradStore};
 use rand::SeedableRng;
@@ -79,8 +79,10 @@ pub struct StepReport {
     pub step: u64,
     /// Its epoch.
     pub epoch: usize,
-    /// Its loss.
-    pub loss: f32,
+    /// The mean loss of the steps since the previous report that had one: on every
+    /// `log_every_steps`-th step only (reading it waits for the device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f32>,
     /// Learning rate used.
     pub lr: f64,
     /// Weight decay used.
@@ -128,6 +130,35 @@ pub struct Trainer {
     loss: DinoLoss,
     optimizer: AdamW,
     state: TrainState,
+    /// Losses of the steps not reported yet, summed on the device.
+    unreported: LossWindow,
+}
+
+/// A sum of step losses kept on the device, read (one host sync) when reported.
+#[derive(Default)]
+struct LossWindow {
+    sum: Option<Tensor>,
+    steps: u32,
+}
+
+impl LossWindow {
+    fn add(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        self.sum = Some(match self.sum.take() {
+            Some(sum) => (sum + loss)?,
+            None => loss.clone(),
+        });
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// The mean of the window (waits for the device), emptying it; `None` when empty.
+    fn take_mean(&mut self) -> candle_core::Result<Option<f32>> {
+        let steps = std::mem::take(&mut self.steps);
+        match self.sum.take() {
+            Some(sum) => Ok(Some(sum.to_scalar::<f32>()? / steps as f32)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// The dtype of the models' matrix products for `precision`. TF32 is a switch of candle's CUDA
@@ -191,6 +222,7 @@ impl Trainer {
             teacher_params,
             optimizer,
             state,
+            unreported: LossWindow::default(),
         })
     }
 
@@ -230,7 +262,14 @@ impl Trainer {
         ema_update(&self.teacher_params, &self.student_params, settings.momentum)?;
         self.state.center = loss.center;
         self.state.step += 1;
+        self.unreported.add(&loss_value)?;
         self.report(settings, &loss_value, &loss.teacher_probs, &teacher.features)
+    }
+
+    /// The mean loss of the steps not reported yet (waits for the device), `None` if there are
+    /// none: what a run reads after its last step.
+    pub fn flush_loss(&mut self) -> anyhow::Result<Option<f32>> {
+        Ok(self.unreported.take_mean()?)
     }
 
     /// Forward passes, loss and backward of one step, without updating anything but the RNG.
@@ -256,19 +295,22 @@ impl Trainer {
         Ok(Forward { teacher, student, loss })
     }
 
+    /// The step's report; on logging steps with the loss and the collapse indicators, which
+    /// wait for the device.
     fn report(
-        &self,
+        &mut self,
         s: &StepSettings,
-        loss: &Tensor,
+        step_loss: &Tensor,
         teacher_probs: &Tensor,
         teacher_features: &Tensor,
     ) -> anyhow::Result<StepReport> {
-        let loss = loss.to_scalar::<f32>()?;
         let every = self.setup.train.log_every_steps.max(1) as u64;
-        let collapse = if self.state.step % every == 0 {
-            Some(monitor::collapse(teacher_probs, teacher_features, loss)?)
+        let (loss, collapse) = if self.state.step % every == 0 {
+            let step_loss = step_loss.to_scalar::<f32>()?;
+            let collapse = monitor::collapse(teacher_probs, teacher_features, step_loss)?;
+            (self.unreported.take_mean()?, Some(collapse))
         } else {
-            None
+            (None, None)
         };
         Ok(StepReport {
             step: self.state.step,
@@ -401,7 +443,7 @@ pub(crate) mod tests {
         trainer.step(&noise_batch(2)).unwrap();
         let report = trainer.step(&noise_batch(3)).unwrap();
         assert_eq!((report.step, report.epoch), (2, 0));
-        assert!(report.loss.is_finite());
+        assert!(report.loss.expect("logged every step").is_finite());
         assert!(report.lr > 0.0 && report.momentum > 0.996, "{report:?}");
         let collapse = report.collapse.expect("logged every step");
         assert!((0.0..=1.0).contains(&collapse.teacher_entropy_ratio), "{collapse:?}");

@@ -357,7 +357,9 @@ impl Service {
         Ok(())
     }
 
-    fn after_step(&mut self, report: StepReport) {
+    fn after_step(&mut self, mut report: StepReport) {
+        // The trainer reads the loss every `log_every_steps` steps: keep the last one read.
+        report.loss = report.loss.or(self.last_report.and_then(|r| r.loss));
         if report.collapse.is_some() {
             self.last_collapse = report.collapse;
         }
@@ -585,7 +587,7 @@ impl Service {
         let collapse = self.last_collapse;
         Status {
             step,
-            loss: report.map_or(0.0, |r| r.loss as f64),
+            loss: report.and_then(|r| r.loss).map_or(0.0, f64::from),
             lr: report.map_or(0.0, |r| r.lr),
             momentum: report.map_or(0.0, |r| r.momentum),
             samples_per_sec,

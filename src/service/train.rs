@@ -60,8 +60,10 @@ pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<
         job.data.display(),
         job.steps
     );
-    let last =
-        if job.steps == 0 { None } else { Some(train_steps(cfg, patches, job, &mut trainer, progress)?) };
+    let last = match job.steps {
+        0 => None,
+        _ => Some(train_steps(cfg, patches, job, &mut trainer, progress)?),
+    };
     checkpoint::save(&job.checkpoint, &trainer)
         .with_context(|| format!("{}: cannot write the checkpoint", job.checkpoint.display()))?;
     log::info!("checkpoint of step {} written to {}", trainer.state().step, job.checkpoint.display());
@@ -103,28 +105,41 @@ fn train_steps(
     let feeder = thread::Builder::new().name("feeder".into()).spawn(move || feed(patches, seed, tx))?;
     let mut pool = AugmentPool::from_config(&cfg.augment, augmenter, rx, cfg.train.batch_size)?;
     let start = Instant::now();
+    let mut waited = Duration::ZERO;
     let mut last = None;
     for done in 1..=job.steps {
+        let wait = Instant::now();
         let batch = pool.recv().context("the augmentation pool stopped")??;
-        let report = trainer.step(&batch)?;
+        waited += wait.elapsed();
+        let mut report = trainer.step(&batch)?;
         pool.recycle(batch);
         let elapsed = start.elapsed();
+        let out_of_time = job.time_limit.is_some_and(|limit| elapsed >= limit);
+        if done == job.steps || out_of_time {
+            report.loss = trainer.flush_loss()?.or(report.loss);
+        }
         let rate = (done * cfg.train.batch_size) as f64 / elapsed.as_secs_f64();
         progress.step(&report, rate);
-        metrics.write(&report, rate, elapsed)?;
+        metrics.write(&report, rate, elapsed, waited)?;
         last = Some(report);
-        if job.time_limit.is_some_and(|limit| elapsed >= limit) {
+        if out_of_time {
             log::info!("time limit reached after {done} of {} steps", job.steps);
             break;
         }
     }
     drop(pool);
     let _ = feeder.join();
+    let wall = start.elapsed().as_secs_f64();
+    log::info!(
+        "{:.1}% of {wall:.1} s spent waiting for augmented batches",
+        100.0 * waited.as_secs_f64() / wall
+    );
     last.context("no step was run (steps = 0)")
 }
 
-/// `train --metrics FILE`: one JSON object per step, the [`StepReport`] plus `samples_per_s` and
-/// `elapsed_s`, flushed line by line so a crashed run keeps its curve.
+/// `train --metrics FILE`: one JSON object per step, the [`StepReport`] plus `samples_per_s`,
+/// `elapsed_s` and `data_wait_s` (time spent waiting for augmented batches so far), flushed line
+/// by line so a crashed run keeps its curve.
 struct MetricsLog {
     out: Option<(PathBuf, LineWriter<File>)>,
 }
@@ -142,11 +157,18 @@ impl MetricsLog {
         Ok(MetricsLog { out })
     }
 
-    fn write(&mut self, report: &StepReport, samples_per_s: f64, elapsed: Duration) -> Result<()> {
+    fn write(
+        &mut self,
+        report: &StepReport,
+        samples_per_s: f64,
+        elapsed: Duration,
+        waited: Duration,
+    ) -> Result<()> {
         let Some((path, out)) = &mut self.out else { return Ok(()) };
         let mut line = serde_json::to_value(report)?;
         line["samples_per_s"] = samples_per_s.into();
         line["elapsed_s"] = elapsed.as_secs_f64().into();
+        line["data_wait_s"] = waited.as_secs_f64().into();
         writeln!(out, "{line}").with_context(|| format!("{}: cannot write the metrics", path.display()))
     }
 }
