@@ -3,14 +3,16 @@
 #  1. the golden training steps on CUDA against the same steps on the CPU (max abs diff <= 1e-4),
 #  2. `dinostream train --device cuda` on real tiles, loss per step in metrics.jsonl,
 #  3. the training-step benchmark, dinostream then PyTorch (`dino_ref.py bench`), same GPU, same run,
-#     in f32, TF32 and bf16, each with its peak GPU memory read by nvidia-smi every 100 ms.
+#     in f32, TF32 and bf16, each with its peak GPU memory read by nvidia-smi every 100 ms, and
+#     dinostream's time and memory per stage (forward, backward, update),
+#  4. the Jetson setup's step (deploy/jetson.toml: vit-small-p8-jetson, bf16, batch 16), peak memory.
 # Everything it prints also lands in $OUT (the device tool brings that folder back).
-#   bash scripts/gpu-check.sh [golden] [train] [bench]      (all three when none is named)
+#   bash scripts/gpu-check.sh [golden] [train] [bench] [jetson]      (all when none is named)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}
 mkdir -p "$out"
-steps=${*:-golden train bench}
+steps=${*:-golden train bench jetson}
 with_libs() { bash .gpu/with-cuda-libs.sh "$@"; }
 
 # Run a command while nvidia-smi samples the GPU's used memory; prints the peak above the idle level.
@@ -47,11 +49,15 @@ for step in $steps; do
       with_libs .gpu/bin/train_step --device cuda --steps 2 --warmup 1 > /dev/null
       for mode in "f32 " "tf32 --tf32" "bf16 --amp bf16"; do
         set -- $mode
-        with_peak_memory "candle-$1" with_libs .gpu/bin/train_step --device cuda --precision "$1" \
+        with_peak_memory "candle-$1" with_libs .gpu/bin/train_step --device cuda --precision "$1" --stages \
           | tee -a "$out/bench.jsonl"
         with_peak_memory "torch-$1" python3 .gpu/reference/dino_ref.py bench --arch small --batch 64 \
           --out-dim 65536 ${2:-} ${3:-} | tee -a "$out/bench.jsonl"
       done ;;
-    *) echo "unknown step $step (golden, train, bench)" >&2; exit 2 ;;
+    jetson)
+      with_peak_memory candle-jetson with_libs .gpu/bin/train_step --device cuda --precision bf16 \
+        --preset vit-small-p8-jetson --out-dim 16384 --batch 16 --steps 10 --warmup 2 --stages \
+        | tee -a "$out/bench.jsonl" ;;
+    *) echo "unknown step $step (golden, train, bench, jetson)" >&2; exit 2 ;;
   esac
 done

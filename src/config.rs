@@ -153,8 +153,8 @@ impl Default for AugmentConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// A preset name from `models/` (`vit-tiny-p8`, `vit-small-p8`, `vit-base-p8`) or a path to a
-    /// preset TOML file.
+    /// A preset name from `models/` (`vit-tiny-p8`, `vit-small-p8`, `vit-base-p8`,
+    /// `vit-small-p8-jetson`) or a path to a preset TOML file.
     pub preset: String,
     /// Student stochastic depth rate (DINO default 0.1; the teacher never drops).
     pub drop_path_rate: f64,
@@ -231,7 +231,8 @@ pub struct TrainConfig {
     pub freeze_last_layer: usize,
     /// Seed for weight initialisation and training randomness.
     pub seed: u64,
-    /// Log the collapse indicators every this many steps.
+    /// Read the loss (mean since the last read) and the collapse indicators every this many
+    /// steps; the steps between do not wait for the GPU.
     pub log_every_steps: usize,
 }
 
@@ -933,5 +934,14 @@ mod tests {
         for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = "] {
             assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
         }
+    }
+
+    #[test]
+    fn jetson_config_is_valid_and_trains_its_preset_in_bf16_on_cuda() {
+        let cfg = Config::from_toml(include_str!("../deploy/jetson.toml")).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!((cfg.train.device, cfg.train.precision), (Device::Cuda, Precision::Bf16));
+        let preset = crate::model::config::Preset::load(&cfg.model.preset, cfg.tile.bands.len()).unwrap();
+        assert_eq!((preset.embed_dim, preset.patch_size, preset.head.out_dim), (384, 8, 16384));
     }
 }

@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The presets shipped in `models/`, by name.
-const KNOWN: [(&str, &str); 4] = [
+const KNOWN: [(&str, &str); 5] = [
     ("vit-micro-p8", include_str!("../../models/vit-micro-p8.toml")),
     ("vit-tiny-p8", include_str!("../../models/vit-tiny-p8.toml")),
     ("vit-small-p8", include_str!("../../models/vit-small-p8.toml")),
     ("vit-base-p8", include_str!("../../models/vit-base-p8.toml")),
+    ("vit-small-p8-jetson", include_str!("../../models/vit-small-p8-jetson.toml")),
 ];
 
 /// A ViT backbone with its DINO head.
