@@ -935,13 +935,4 @@ mod tests {
             assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
         }
     }
-
-    #[test]
-    fn jetson_config_is_valid_and_trains_its_preset_in_bf16_on_cuda() {
-        let cfg = Config::from_toml(include_str!("../deploy/jetson.toml")).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!((cfg.train.device, cfg.train.precision), (Device::Cuda, Precision::Bf16));
-        let preset = crate::model::config::Preset::load(&cfg.model.preset, cfg.tile.bands.len()).unwrap();
-        assert_eq!((preset.embed_dim, preset.patch_size, preset.head.out_dim), (384, 8, 16384));
-    }
 }

@@ -208,4 +208,14 @@ mod tests {
         let p = Preset::load("vit-small-p8", 10).unwrap();
         assert_eq!(Preset::from_toml(&p.to_toml(), "x", 10).unwrap(), p);
     }
+
+    #[test]
+    fn jetson_config_is_valid_and_trains_its_preset_in_bf16_on_cuda() {
+        use crate::config::{Config, Device, Precision};
+        let cfg = Config::from_toml(include_str!("../../deploy/jetson.toml")).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!((cfg.train.device, cfg.train.precision), (Device::Cuda, Precision::Bf16));
+        let preset = Preset::load(&cfg.model.preset, cfg.tile.bands.len()).unwrap();
+        assert_eq!((preset.embed_dim, preset.patch_size, preset.head.out_dim), (384, 8, 16384));
+    }
 }
