@@ -5,7 +5,7 @@
 //! `last_layer.weight_g` `[K, 1]` and `last_layer.weight_v` `[K, bottleneck]`. With
 //! `norm_last_layer` the gain `g` stays 1: it is excluded from the optimiser (see `dino::optim`).
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::HeadConfig;
@@ -52,18 +52,12 @@ impl DinoHead {
         }
         last.forward(&xs)
     }
-
-    /// `W[i, :] = v[i, :] * g[i] / ||v[i, :]||` (`torch._weight_norm(v, g, 0)`).
-    pub fn last_layer_weight(&self) -> Result<Tensor> {
-        let norm = self.weight_v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        self.weight_v.broadcast_mul(&self.weight_g.div(&norm)?)
-    }
 }
 
 impl Module for DinoHead {
     /// `[N, in_dim]` -> `[N, K]` logits.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = ops::l2_normalize(&self.mlp(xs)?.to_dtype(self.weight_v.dtype())?)?;
-        ops::matmul_in(&xs, &self.last_layer_weight()?.t()?, self.matmul)
+        ops::weight_norm_linear(&xs, &self.weight_v, &self.weight_g, self.matmul)
     }
 }

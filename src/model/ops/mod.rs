@@ -8,8 +8,9 @@
 //! written out: the product in a compute dtype and the linear layer ([`matmul_in`], [`Linear`]),
 //! LayerNorm and softmax ([`LayerNorm`], [`softmax_last_dim`]), multi-head attention
 //! ([`attention`]), exact GELU and the residual add with stochastic depth ([`gelu_erf`],
-//! [`residual`]). Also here: the bicubic matrices that resize the positional embedding exactly
-//! like PyTorch ([`bicubic_grid`]).
+//! [`residual`]), and the head's weight-normed last layer ([`weight_norm_linear`]). Also here:
+//! the bicubic matrices that resize the positional embedding exactly like PyTorch
+//! ([`bicubic_grid`]).
 //!
 //! Mixed precision (`matmul = BF16`, PyTorch's bf16 autocast): products run in bf16 and the
 //! activations between them stay bf16 (layer-norm outputs that feed a product, linear and
@@ -26,6 +27,7 @@ mod matmul;
 mod norm;
 mod pointwise;
 mod resize;
+mod weight_norm;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Result};
@@ -36,6 +38,7 @@ pub use matmul::{Linear, linear, matmul_in};
 pub use norm::{LayerNorm, l2_normalize, log_softmax_last_dim, softmax_last_dim};
 pub use pointwise::{drop_path_scale, gelu_erf, residual};
 pub use resize::{bicubic_axis, bicubic_grid};
+pub use weight_norm::weight_norm_linear;
 
 /// DINO's `trunc_normal_(std=.02)` for Linear weights, cls token and positional embedding.
 pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
