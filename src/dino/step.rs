@@ -247,7 +247,13 @@ impl Trainer {
 
     /// One step with explicit settings (the golden tests pin them).
     pub fn step_with(&mut self, crops: &[Tensor], settings: &StepSettings) -> anyhow::Result<StepReport> {
-        let Gradients { teacher, student, loss, mut grads } = self.gradients(crops, settings)?;
+        let gradients = self.gradients(crops, settings)?;
+        self.apply(gradients, settings)
+    }
+
+    /// The update half of a step: clipping, last-layer freeze, AdamW, teacher EMA, centre.
+    pub fn apply(&mut self, gradients: Gradients, settings: &StepSettings) -> anyhow::Result<StepReport> {
+        let Gradients { teacher, student, loss, mut grads } = gradients;
         // The loss tensor holds the student's autograd graph, every activation of the step: free
         // it before the update allocates, keeping the value only.
         let (loss_value, graph) = (loss.loss.detach(), loss.loss);
@@ -274,12 +280,18 @@ impl Trainer {
 
     /// Forward passes, loss and backward of one step, without updating anything but the RNG.
     pub fn gradients(&mut self, crops: &[Tensor], settings: &StepSettings) -> anyhow::Result<Gradients> {
-        let Forward { teacher, student, loss } = self.forward(crops, settings)?;
+        let forward = self.forward(crops, settings)?;
+        Self::backward(forward)
+    }
+
+    /// The backward pass of a step's [`Forward`] (the second part of [`Trainer::gradients`]).
+    pub fn backward(forward: Forward) -> anyhow::Result<Gradients> {
+        let Forward { teacher, student, loss } = forward;
         let grads = detached(loss.loss.backward()?);
         Ok(Gradients { teacher, student, loss, grads })
     }
 
-    /// Forward passes and loss of one step (the first half of [`Trainer::gradients`]).
+    /// Forward passes and loss of one step (the first part of [`Trainer::gradients`]).
     pub fn forward(&mut self, crops: &[Tensor], settings: &StepSettings) -> anyhow::Result<Forward> {
         if crops.len() != self.setup.ncrops {
             anyhow::bail!(
