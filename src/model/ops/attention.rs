@@ -2,7 +2,7 @@
 //! heads' outputs side by side.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 
 use super::cast;
 use super::matmul::{matmul_in, product_in};
@@ -40,7 +40,7 @@ impl Attention {
 
     /// The forward pass at the storage level, on any backend. q, k and v are gathered into
     /// contiguous `[B, H, N, d]` copies in `matmul`'s dtype (freed on return).
-    fn forward<S: BackendStorage>(&self, qkv: &S, layout: &Layout) -> Result<(S, Shape)> {
+    fn forward<S: BackendStorage>(&self, (qkv, layout): (&S, &Layout)) -> Result<(S, Shape)> {
         if !layout.is_contiguous() {
             candle_core::bail!("attention: qkv must be contiguous");
         }
@@ -51,7 +51,7 @@ impl Attention {
         let per_head = Layout::contiguous((b, h, n, d));
         let (logits, square) = product_in((&q, &per_head), (&k, &per_head.transpose(2, 3)?), self.matmul)?;
         let scaled = cast(logits, &square, DType::F32)?.affine(&square, self.scale, 0.0)?;
-        let (probs, _) = SoftmaxLastDim::forward(&scaled, &square)?;
+        let (probs, _) = SoftmaxLastDim.forward((&scaled, &square))?;
         let probs = cast(probs, &square, self.matmul)?;
         let (out, _) = product_in((&probs, &square), (&v, &per_head), self.matmul)?;
         // [B, H, N, d] read as [B, N, H, d]: copied contiguous, in the input dtype.
@@ -73,18 +73,7 @@ impl CustomOp1 for Attention {
         "attention-with-backward"
     }
 
-    fn cpu_fwd(&self, qkv: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward(qkv, layout)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qkv: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward(qkv, layout)
-    }
+    backend_forward!(1, forward);
 
     /// In f32, with `p` the recomputed probabilities and `g` the output gradient per head:
     /// `dv = p^T g`, `dp = g v^T`, `ds = (dp - sum(dp * p)) * p * scale`, `dq = ds k`,

@@ -2,7 +2,7 @@
 //! linear layer ([`Linear`], [`linear`]), whose output stays in the compute dtype.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, op};
+use candle_core::{CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, op};
 use candle_nn::{Init, VarBuilder};
 
 use super::{TRUNC_NORMAL_02, cast};
@@ -90,26 +90,7 @@ impl CustomOp2 for MatmulIn {
         "matmul-in-dtype"
     }
 
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        a_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((a, a_layout), (b, b_layout))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        a_layout: &Layout,
-        b: &candle_core::CudaStorage,
-        b_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward((a, a_layout), (b, b_layout))
-    }
+    backend_forward!(2, forward);
 
     /// `da = g @ b^T`, `db = a^T @ g`, each product in `dtype` (as autocast's backward), each
     /// gradient in its operand's dtype.
@@ -192,30 +173,7 @@ impl CustomOp3 for LinearOp {
         "linear-with-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-        bias: &CpuStorage,
-        bias_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((xs, xs_layout), (weight, weight_layout), (bias, bias_layout))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xs_layout: &Layout,
-        weight: &candle_core::CudaStorage,
-        weight_layout: &Layout,
-        bias: &candle_core::CudaStorage,
-        bias_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward((xs, xs_layout), (weight, weight_layout), (bias, bias_layout))
-    }
+    backend_forward!(3, forward);
 
     /// `dx = g W`, `dW = (x^T g)^T`, `db = sum_rows(g)`: the backward of the product with the
     /// transposed weight and of the broadcast add, each gradient in its input's dtype.

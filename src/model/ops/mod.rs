@@ -22,6 +22,50 @@
 //! otherwise carry its own graph (the upstream gradient, recomputed intermediates), and candle
 //! keeps the variables' gradients, with that graph, until the backward pass ends.
 
+/// A custom op's `cpu_fwd` and `cuda_fwd`, both calling its backend-generic storage-level method
+/// `$method(&self, (&S, &Layout), ...)` with 1, 2 or 3 inputs: every op here runs the same code on
+/// the CPU and on CUDA.
+macro_rules! backend_forward {
+    ($inputs:tt, $method:ident) => {
+        backend_forward!(@fwd cpu_fwd, candle_core::CpuStorage, $inputs, $method);
+        #[cfg(feature = "cuda")]
+        backend_forward!(@fwd cuda_fwd, candle_core::CudaStorage, $inputs, $method);
+    };
+    (@fwd $name:ident, $storage:ty, 1, $method:ident) => {
+        fn $name(
+            &self,
+            a: &$storage,
+            a_l: &candle_core::Layout,
+        ) -> candle_core::Result<($storage, candle_core::Shape)> {
+            self.$method((a, a_l))
+        }
+    };
+    (@fwd $name:ident, $storage:ty, 2, $method:ident) => {
+        fn $name(
+            &self,
+            a: &$storage,
+            a_l: &candle_core::Layout,
+            b: &$storage,
+            b_l: &candle_core::Layout,
+        ) -> candle_core::Result<($storage, candle_core::Shape)> {
+            self.$method((a, a_l), (b, b_l))
+        }
+    };
+    (@fwd $name:ident, $storage:ty, 3, $method:ident) => {
+        fn $name(
+            &self,
+            a: &$storage,
+            a_l: &candle_core::Layout,
+            b: &$storage,
+            b_l: &candle_core::Layout,
+            c: &$storage,
+            c_l: &candle_core::Layout,
+        ) -> candle_core::Result<($storage, candle_core::Shape)> {
+            self.$method((a, a_l), (b, b_l), (c, c_l))
+        }
+    };
+}
+
 mod attention;
 mod matmul;
 mod norm;

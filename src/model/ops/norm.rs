@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{self, ReduceOp};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::cast;
@@ -106,30 +106,7 @@ impl CustomOp3 for LayerNormOp {
         "layer-norm-with-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-        bias: &CpuStorage,
-        bias_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((x, x_layout), (weight, weight_layout), (bias, bias_layout))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        x_layout: &Layout,
-        weight: &candle_core::CudaStorage,
-        weight_layout: &Layout,
-        bias: &candle_core::CudaStorage,
-        bias_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward((x, x_layout), (weight, weight_layout), (bias, bias_layout))
-    }
+    backend_forward!(3, forward);
 
     fn bwd(
         &self,
@@ -167,7 +144,7 @@ pub(super) struct SoftmaxLastDim;
 
 impl SoftmaxLastDim {
     /// `exp(x - max) / sum(exp(x - max))` along the last dim of `layout`, on any backend.
-    pub(super) fn forward<S: BackendStorage>(x: &S, layout: &Layout) -> Result<(S, Shape)> {
+    pub(super) fn forward<S: BackendStorage>(&self, (x, layout): (&S, &Layout)) -> Result<(S, Shape)> {
         let LastDim { shape, last, contiguous, reduced, .. } = LastDim::of(layout)?;
         let max = x.reduce_op(ReduceOp::Max, layout, &[last])?;
         let exp = x.binary_impl::<op::Sub>(&max, layout, &reduced)?.unary_impl::<op::Exp>(&contiguous)?;
@@ -181,18 +158,7 @@ impl CustomOp1 for SoftmaxLastDim {
         "softmax-last-dim-with-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::forward(storage, layout)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::forward(storage, layout)
-    }
+    backend_forward!(1, forward);
 
     fn bwd(&self, _xs: &Tensor, ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;

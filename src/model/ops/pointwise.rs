@@ -2,7 +2,7 @@
 //! and the residual add with stochastic depth, which promotes a bf16 branch to the f32 stream.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, op};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, op};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
@@ -18,23 +18,18 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
 
 struct GeluErf;
 
+impl GeluErf {
+    fn forward<S: BackendStorage>(&self, (xs, layout): (&S, &Layout)) -> Result<(S, Shape)> {
+        Ok((xs.unary_impl::<op::GeluErf>(layout)?, layout.shape().clone()))
+    }
+}
+
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "gelu-erf-with-f32-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((storage.unary_impl::<op::GeluErf>(layout)?, layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((storage.unary_impl::<op::GeluErf>(layout)?, layout.shape().clone()))
-    }
+    backend_forward!(1, forward);
 
     /// `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`.
     fn bwd(&self, xs: &Tensor, _ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -87,6 +82,23 @@ struct Residual;
 impl Residual {
     /// The forward pass at the storage level, on any backend: the branch is converted to the
     /// stream's dtype, multiplied by the broadcast scale, then added.
+    fn forward_unscaled<S: BackendStorage>(
+        &self,
+        xs: (&S, &Layout),
+        branch: (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        Self::forward(xs, branch, None)
+    }
+
+    fn forward_scaled<S: BackendStorage>(
+        &self,
+        xs: (&S, &Layout),
+        branch: (&S, &Layout),
+        scale: (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        Self::forward(xs, branch, Some(scale))
+    }
+
     fn forward<S: BackendStorage>(
         (xs, xs_layout): (&S, &Layout),
         (branch, branch_layout): (&S, &Layout),
@@ -124,26 +136,7 @@ impl CustomOp2 for Residual {
         "residual-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        branch: &CpuStorage,
-        branch_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::forward((xs, xs_layout), (branch, branch_layout), None)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xs_layout: &Layout,
-        branch: &candle_core::CudaStorage,
-        branch_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::forward((xs, xs_layout), (branch, branch_layout), None)
-    }
+    backend_forward!(2, forward_unscaled);
 
     fn bwd(
         &self,
@@ -162,30 +155,7 @@ impl CustomOp3 for Residual {
         "residual-add-drop-path"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        branch: &CpuStorage,
-        branch_layout: &Layout,
-        scale: &CpuStorage,
-        scale_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::forward((xs, xs_layout), (branch, branch_layout), Some((scale, scale_layout)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xs_layout: &Layout,
-        branch: &candle_core::CudaStorage,
-        branch_layout: &Layout,
-        scale: &candle_core::CudaStorage,
-        scale_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::forward((xs, xs_layout), (branch, branch_layout), Some((scale, scale_layout)))
-    }
+    backend_forward!(3, forward_scaled);
 
     fn bwd(
         &self,

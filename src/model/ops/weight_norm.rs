@@ -2,7 +2,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{self, ReduceOp};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cast;
 use super::matmul::{matmul_in, product_in};
@@ -48,30 +48,7 @@ impl CustomOp3 for WeightNormLinear {
         "weight-norm-linear-with-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        v: &CpuStorage,
-        v_layout: &Layout,
-        g: &CpuStorage,
-        g_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((xs, xs_layout), (v, v_layout), (g, g_layout))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xs_layout: &Layout,
-        v: &candle_core::CudaStorage,
-        v_layout: &Layout,
-        g: &candle_core::CudaStorage,
-        g_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward((xs, xs_layout), (v, v_layout), (g, g_layout))
-    }
+    backend_forward!(3, forward);
 
     /// With `n = ||v||`, `r = g / n`, `W = v r`: `dx = grad W`, `dW = (x^T grad)^T`,
     /// `dr = sum_rows(dW v)`, `dg = dr / n`, `dn = -dr g / n^2`, and
