@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
 /// The reference bench's run: `lr = 5e-4 * B / 256`, cosine schedules over 100 epochs of
 /// `warmup + steps` iterations, teacher temperature 0.04, epoch 1 (last layer not frozen).
 fn trainer(args: &Args, device: &Device) -> anyhow::Result<Trainer> {
-    let model = ModelConfig { preset: args.preset.clone(), drop_path_rate: 0.0 };
+    let model = ModelConfig { preset: args.preset.clone(), drop_path_rate: 0.0, ..ModelConfig::default() };
     let train = TrainConfig {
         batch_size: args.batch,
         warmup_epochs: 0,

@@ -57,6 +57,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Describe tiles and BigEarthNet folders: format, size, bands, layout, georeference, statistics.
     Inspect(InspectArgs),
+    /// Describe a pretrained weight file for `--init`: format, keys, architecture, bands expected.
+    InspectCheckpoint(InspectCheckpointArgs),
     /// Render the 8 augmented DINO views of one patch as a 2x4 PNG grid.
     Preview(PreviewArgs),
     /// Train DINO on the tiles of a folder (no watching) and write a checkpoint.
@@ -144,6 +146,14 @@ pub struct InspectArgs {
     pub layout: LayoutArg,
 }
 
+/// `dinostream inspect-checkpoint FILE`
+#[derive(Debug, Args)]
+pub struct InspectCheckpointArgs {
+    /// A .pth/.pt or .safetensors weight file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
 /// `dinostream serve`: flags override the config file's keys of the same name.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -175,6 +185,14 @@ pub struct ModelArgs {
     /// Matrix-product arithmetic (`train.precision`).
     #[arg(long, value_enum)]
     pub precision: Option<crate::config::Precision>,
+    /// Start from pretrained weights (`model.init`; .pth/.pt/.safetensors, DINO or timm names);
+    /// only when no checkpoint exists yet.
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// Band names of the --init file's input channels (`model.init_bands`): rgb, ssl4eo-s12-13
+    /// or a list such as B04,B03,B02.
+    #[arg(long, value_name = "SET|B01,...")]
+    pub init_bands: Option<String>,
 }
 
 impl ModelArgs {
@@ -188,6 +206,12 @@ impl ModelArgs {
         }
         if let Some(precision) = self.precision {
             cfg.train.precision = precision;
+        }
+        if let Some(init) = &self.init {
+            cfg.model.init = Some(init.clone());
+        }
+        if let Some(bands) = &self.init_bands {
+            cfg.model.init_bands = Some(bands.clone());
         }
     }
 }
@@ -334,6 +358,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => serve(cfg, &args),
         Command::Inspect(args) => inspect(cfg, &args),
+        Command::InspectCheckpoint(args) => inspect_checkpoint(&args),
         Command::Preview(args) => preview(cfg, &args),
         Command::Train(args) => train(cfg, &args),
         Command::Export(args) => export_command(&args),
@@ -346,6 +371,15 @@ pub fn run(cli: Cli) -> Result<()> {
             eval_command(&args, &cfg.tile)
         }
     }
+}
+
+/// `dinostream inspect-checkpoint FILE`: what a pretrained file holds, for `--init`.
+fn inspect_checkpoint(args: &InspectCheckpointArgs) -> Result<()> {
+    let file = crate::model::pretrained::WeightFile::read(&args.file)?;
+    for line in crate::model::pretrained::describe(&file)? {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// `inspect`: describe every input; a bad one prints `path: reason` and the rest go on. Fails at

@@ -158,12 +158,67 @@ pub struct ModelConfig {
     pub preset: String,
     /// Student stochastic depth rate (DINO default 0.1; the teacher never drops).
     pub drop_path_rate: f64,
+    /// A pretrained backbone the student and the teacher start from (`.pth`/`.pt` or
+    /// `.safetensors`; DINO, DINO training-checkpoint or timm names). Used only when no checkpoint
+    /// exists yet; the checkpoint records it, so a resume never imports again. Unset: random init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// The band names of `init`'s input channels, in order: `rgb` (B04,B03,B02), `ssl4eo-s12-13`
+    /// (B01,B02,B03,B04,B05,B06,B07,B08,B8A,B09,B10,B11,B12) or a list such as `B02,B03,B04`.
+    /// Needed with `init`: weight files carry no band names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_bands: Option<String>,
+    /// How a configured band that `init` lacks starts: `mean` (the mean of the imported filters)
+    /// or `zeros`.
+    pub init_missing_bands: MissingBands,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { preset: "vit-tiny-p8".into(), drop_path_rate: 0.1 }
+        ModelConfig {
+            preset: "vit-tiny-p8".into(),
+            drop_path_rate: 0.1,
+            init: None,
+            init_bands: None,
+            init_missing_bands: MissingBands::Mean,
+        }
     }
+}
+
+/// How an imported patch embedding fills a band the pretrained file lacks (`model.init_missing_bands`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingBands {
+    /// The mean over the file's input channels of each filter.
+    Mean,
+    /// Zero filters: the band adds nothing until training moves it.
+    Zeros,
+}
+
+/// Named band sets of pretrained files (`model.init_bands`).
+pub const INIT_BAND_SETS: [(&str, &[&str]); 2] = [
+    ("rgb", &["B04", "B03", "B02"]),
+    (
+        "ssl4eo-s12-13",
+        &["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"],
+    ),
+];
+
+/// Resolve `model.init_bands`: a named set or a comma list. Names outside Sentinel-2 (a SAR
+/// channel such as `VV`) are allowed: they match no configured band and are dropped.
+pub fn parse_init_bands(spec: &str) -> Result<Vec<String>, String> {
+    if let Some((_, bands)) = INIT_BAND_SETS.iter().find(|(name, _)| *name == spec) {
+        return Ok(bands.iter().map(|b| b.to_string()).collect());
+    }
+    let bands: Vec<String> = spec.split(',').map(|b| b.trim().to_uppercase()).collect();
+    if bands.iter().any(String::is_empty) {
+        let sets: Vec<_> = INIT_BAND_SETS.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "`{spec}` has an empty name; use a set ({}) or a list like B04,B03,B02",
+            sets.join(", ")
+        ));
+    }
+    Ok(bands)
 }
 
 /// Compute device.
@@ -685,6 +740,18 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.drop_path_rate) {
             v.fail("model.drop_path_rate", format!("is {}; must be in 0..1", self.drop_path_rate));
         }
+        match (&self.init, &self.init_bands) {
+            (Some(_), None) => v.fail(
+                "model.init_bands",
+                "is unset; weight files carry no band names: name the channels of model.init, e.g. `rgb` or `ssl4eo-s12-13` (--init-bands)".into(),
+            ),
+            (_, Some(bands)) => {
+                if let Err(reason) = parse_init_bands(bands) {
+                    v.fail("model.init_bands", reason);
+                }
+            }
+            (None, None) => {}
+        }
     }
 }
 
@@ -813,6 +880,21 @@ mod tests {
     }
 
     #[test]
+    fn model_init_is_unset_by_default_and_needs_named_bands() {
+        let cfg = Config::default().model;
+        assert_eq!((cfg.init, cfg.init_bands, cfg.init_missing_bands), (None, None, MissingBands::Mean));
+        let errs = errors_of("[model]\ninit = \"dino.pth\"\n");
+        assert_eq!(errs[0].key, "model.init_bands");
+        assert!(errs[0].reason.contains("ssl4eo-s12-13"), "{}", errs[0].reason);
+        let errs = errors_of("[model]\ninit = \"dino.pth\"\ninit_bands = \"B04,,B02\"\n");
+        assert_eq!(errs[0].key, "model.init_bands");
+        assert!(Config::from_toml("[model]\ninit_missing_bands = \"median\"\n").is_err());
+        assert_eq!(parse_init_bands("rgb").unwrap(), ["B04", "B03", "B02"]);
+        assert_eq!(parse_init_bands("ssl4eo-s12-13").unwrap()[8], "B8A");
+        assert_eq!(parse_init_bands("vv, b02").unwrap(), ["VV", "B02"]);
+    }
+
+    #[test]
     fn overridden_key_keeps_the_other_defaults() {
         let cfg = Config::from_toml("[train]\nbatch_size = 8\n").unwrap();
         assert_eq!(cfg.train.batch_size, 8);
@@ -931,7 +1013,8 @@ mod tests {
                 assert!(text.contains(&format!("\n{key} = ")), "deploy/config.toml lacks {section}.{key}");
             }
         }
-        for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = "] {
+        for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = ", "# init = ", "# init_bands = "]
+        {
             assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
         }
     }

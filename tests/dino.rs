@@ -169,7 +169,7 @@ fn golden_trainer() -> Trainer {
 }
 
 fn golden_trainer_with(device: &Device, precision: Precision) -> Trainer {
-    let model = ModelConfig { preset: "vit-micro-p8".into(), drop_path_rate: 0.0 };
+    let model = ModelConfig { preset: "vit-micro-p8".into(), drop_path_rate: 0.0, ..ModelConfig::default() };
     let train = TrainConfig {
         warmup_teacher_temp: 0.04,
         teacher_temp: 0.07,

@@ -350,3 +350,38 @@ fn kill_9_during_export_never_leaves_a_partial_latest_onnx() {
     .unwrap();
     runtime.open(&s.path("exports/latest.onnx"), false).expect("latest.onnx loads in ONNX Runtime");
 }
+
+/// `serve --init`: the pretrained start is checkpointed and published (checked in ONNX Runtime)
+/// before the first step, training goes on from it, and a restart resumes from the checkpoint
+/// without reading the file again (here: a path that no longer exists).
+#[test]
+fn serve_with_init_publishes_the_import_before_any_step_and_a_restart_resumes_from_the_checkpoint() {
+    let Some(ort) = util::onnxruntime_or_skip() else { return };
+    let fixtures = util::root().join("tests/fixtures/pretrained");
+    let micro = util::root().join("models/vit-micro-p8.toml").display().to_string();
+    let cfg = config("checkpoint_every_steps = 2\n", 2, "")
+        .replace(&micro, &fixtures.join("vit-fixture-p8.toml").display().to_string())
+        .replace("[export]\nenabled = false\n", &format!("[export]\nonnxruntime = {:?}\nkeep = 10\n", ort));
+    let mut s = Service::new(&cfg);
+    drop_bigearthnet(&s.path("incoming"));
+    let init = fixtures.join("timm_vit.safetensors");
+    let bands = ["--init-bands", "B02,B03,B04,B08"];
+    s.run_to_end(&[&["--max-steps", "2", "--init", init.to_str().unwrap()][..], &bands].concat());
+    assert!(s.path("exports/dinostream-step0.onnx").is_file(), "no step-0 export\n{}", s.log());
+    let log = s.log();
+    let first = log.find("published").expect("an export was published");
+    assert!(log[first..].lines().next().unwrap().contains("dinostream-step0.onnx"), "{log}");
+    // The step-0 checkpoint holds the file's tensors; step 2 has moved on from them.
+    let file: Vec<(String, Vec<u8>)> = tensors(&init);
+    let qkv = |t: &[(String, Vec<u8>)], name: &str| t.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let [step0, step2] = [0, 1].map(|i| tensors(&s.checkpoints()[i].join("model.safetensors")));
+    assert!(s.checkpoints()[1].ends_with("step-000000000002"), "{:?}", s.checkpoints());
+    let name = "teacher.backbone.blocks.1.attn.qkv.weight";
+    assert_eq!(qkv(&step0, name), qkv(&file, "blocks.1.attn.qkv.weight"));
+    assert_ne!(qkv(&step2, name), qkv(&step0, name));
+    let gone = s.path("moved-away.safetensors");
+    s.run_to_end(&[&["--max-steps", "4", "--init", gone.to_str().unwrap()][..], &bands].concat());
+    let log = s.log();
+    assert!(log.contains("resuming from") && log.contains("not imported again"), "{log}");
+    assert!(s.path("exports/dinostream-step4.onnx").is_file(), "{log}");
+}

@@ -2,7 +2,7 @@
 //!
 //! - `model.safetensors`: `student.backbone.*`, `student.head.*`, `teacher.backbone.*`,
 //!   `teacher.head.*` (the reference DINO names) and `center`; metadata `preset` (TOML), `bands`
-//!   (comma list), `step`.
+//!   (comma list), `step`, and `init` (the pretrained file a run began from, if any).
 //! - `optimizer.safetensors`: `exp_avg.<name>` and `exp_avg_sq.<name>` per student parameter that
 //!   has been updated; metadata `steps`: a JSON map from name to its Adam step count.
 //! - `state.json`: step, epoch, RNG state, the schedule span and every setting ([`TrainerSetup`]).
@@ -78,11 +78,15 @@ pub fn save(dir: &Path, trainer: &Trainer) -> Result<(), CheckpointError> {
         model.extend(params.iter().map(|(n, v)| (format!("{side}.{n}"), v.as_tensor().clone())));
     }
     model.push(("center".into(), state.center.clone()));
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("preset".to_string(), setup.preset.to_toml()),
         ("bands".to_string(), setup.bands.join(",")),
         ("step".to_string(), state.step.to_string()),
     ]);
+    if let Some(init) = &setup.model.init {
+        // The run began from this file (also in state.json's settings); resumes never re-import.
+        meta.insert("init".to_string(), init.display().to_string());
+    }
     write_tensors(&dir.join(MODEL_FILE), model, meta)?;
 
     let mut moments = Vec::new();

@@ -410,7 +410,8 @@ pub(crate) mod tests {
 
     /// A `vit-micro-p8` run on 10 bands with 2 local crops, stochastic depth on.
     pub(crate) fn micro_trainer() -> Trainer {
-        let model = ModelConfig { preset: "vit-micro-p8".into(), drop_path_rate: 0.1 };
+        let model =
+            ModelConfig { preset: "vit-micro-p8".into(), drop_path_rate: 0.1, ..ModelConfig::default() };
         let train = TrainConfig { batch_size: 2, log_every_steps: 1, ..TrainConfig::default() };
         let bands: Vec<String> = crate::config::SEED_BANDS.iter().map(|b| b.to_string()).collect();
         let setup = TrainerSetup::new(&model, &train, &bands, 2, ScheduleSpan::for_steps(4, 4, 2)).unwrap();

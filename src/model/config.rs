@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The presets shipped in `models/`, by name.
-const KNOWN: [(&str, &str); 5] = [
+const KNOWN: [(&str, &str); 6] = [
     ("vit-micro-p8", include_str!("../../models/vit-micro-p8.toml")),
     ("vit-tiny-p8", include_str!("../../models/vit-tiny-p8.toml")),
     ("vit-small-p8", include_str!("../../models/vit-small-p8.toml")),
     ("vit-base-p8", include_str!("../../models/vit-base-p8.toml")),
     ("vit-small-p8-jetson", include_str!("../../models/vit-small-p8-jetson.toml")),
+    ("vit-small-p16", include_str!("../../models/vit-small-p16.toml")),
 ];
 
 /// A ViT backbone with its DINO head.
@@ -118,6 +119,24 @@ impl Preset {
         self.img_size / self.patch_size
     }
 
+    /// Check that every crop side (`(config key, px)`) is a multiple of the patch size: the patch
+    /// embedding would silently drop the remainder.
+    pub fn check_crop_sizes(&self, crops: &[(&str, usize)]) -> Result<(), String> {
+        let p = self.patch_size;
+        let bad: Vec<_> =
+            crops.iter().filter(|(_, px)| px % p != 0).map(|(k, px)| format!("{k} = {px}")).collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "model preset `{}` has patch size {p}, which does not divide {}; use crop sizes that are multiples of {p} (e.g. global_px = {}, local_px = {})",
+            self.name,
+            bad.join(", "),
+            (120 / p).max(1) * p,
+            (56 / p).max(1) * p
+        ))
+    }
+
     /// MLP hidden width of a block.
     pub fn mlp_hidden(&self) -> usize {
         (self.embed_dim as f64 * self.mlp_ratio) as usize
@@ -201,6 +220,19 @@ mod tests {
         let text = KNOWN[0].1.replace("num_heads = 3", "num_heads = 5");
         let err = Preset::from_toml(&text, "x", 10).unwrap_err().to_string();
         assert!(err.contains("not divisible"), "{err}");
+    }
+
+    #[test]
+    fn crop_sizes_must_be_multiples_of_the_patch_size() {
+        let p16 = Preset::load("vit-small-p16", 13).unwrap();
+        assert_eq!((p16.patch_size, p16.grid()), (16, 7));
+        p16.check_crop_sizes(&[("augment.global_px", 112), ("augment.local_px", 48)]).unwrap();
+        let err = p16.check_crop_sizes(&[("augment.global_px", 120), ("augment.local_px", 48)]).unwrap_err();
+        assert!(err.contains("augment.global_px = 120") && err.contains("global_px = 112"), "{err}");
+        Preset::load("vit-small-p8", 10)
+            .unwrap()
+            .check_crop_sizes(&[("augment.global_px", 120), ("augment.local_px", 56)])
+            .unwrap();
     }
 
     #[test]

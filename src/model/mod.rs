@@ -1,5 +1,6 @@
 //! The DINO networks on candle: a ViT backbone ([`vit`]), the DINO projection head ([`head`]) and
-//! the multi-crop wrapper that runs them ([`multicrop`]), built from a preset ([`config`]).
+//! the multi-crop wrapper that runs them ([`multicrop`]), built from a preset ([`config`]),
+//! optionally starting from pretrained DINO or timm weights ([`pretrained`]).
 //!
 //! Parameters carry the reference DINO names (`blocks.0.attn.qkv.weight`, `mlp.0.weight`, ...), so
 //! PyTorch checkpoints load as safetensors without renaming. Every op on a training path is built
@@ -10,6 +11,7 @@ pub mod head;
 pub mod multicrop;
 pub mod ops;
 pub mod params;
+pub mod pretrained;
 pub mod vit;
 
 use anyhow::Result;

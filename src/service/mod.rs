@@ -375,6 +375,11 @@ impl Service {
     }
 
     fn checkpoint_due_at(&self, step: u64) -> bool {
+        if step == 0 && self.last_checkpoint.is_none() && self.cfg.model.init.is_some() {
+            // A pretrained start is saved and published before its first step, once a patch has
+            // arrived to probe the export with: a restart resumes from it, not from the file.
+            return self.mixer.fresh_len() > 0;
+        }
         let (saved, at) = self.last_checkpoint.unwrap_or((0, self.interval.0));
         if step == saved {
             return false;
@@ -413,6 +418,9 @@ impl Service {
 
     /// Publish the teacher of checkpoint `dir`; a failure keeps the previous model published.
     fn export(&mut self, dir: &Path) {
+        if self.probe.is_empty() {
+            self.probe = self.mixer.peek_fresh(self.cfg.export.probe_patches);
+        }
         let exports = &self.cfg.serve.exports_dir;
         match publish::publish_checkpoint(&self.cfg.export, exports, dir, &self.trainer, &self.probe) {
             Ok(p) => {
@@ -634,13 +642,19 @@ fn resume_or_begin(cfg: &Config, device: &candle_core::Device) -> Result<(Traine
     if let Some(resumed) = checkpoints::load_newest(&cfg.serve.state_dir, device, cfg.train.precision)? {
         let step = resumed.state.step;
         log::info!("resuming from {} (step {step})", resumed.dir.display());
+        if let Some(init) = &cfg.model.init {
+            log::info!(
+                "model.init {} is not imported again: the checkpoint continues the run",
+                init.display()
+            );
+        }
         let mixer = Mixer::restore(&cfg.stream, resumed.state.mixer);
         return Ok((resumed.trainer, mixer, resumed.state.next_sample_id, step));
     }
     // The continual schedules replace the epoch span; it only sizes schedules nobody reads.
     let span = ScheduleSpan { epochs: 1, niter_per_ep: 1 };
     let setup = TrainerSetup::new(&cfg.model, &cfg.train, &cfg.tile.bands, cfg.augment.local_crops, span)?;
-    let trainer = Trainer::new(setup, device)?;
+    let trainer = crate::dino::init::begin(setup, &cfg.augment, device)?;
     let mixer = Mixer::new(&cfg.stream, cfg.train.seed ^ MIXER_SEED);
     Ok((trainer, mixer, 0, 0))
 }

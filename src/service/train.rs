@@ -52,7 +52,7 @@ pub fn run(cfg: &Config, job: &TrainJob, progress: &mut dyn Progress) -> Result<
     let span = ScheduleSpan::for_steps(job.steps, patches.len(), batch_size);
     let setup = TrainerSetup::new(&cfg.model, &cfg.train, &cfg.tile.bands, cfg.augment.local_crops, span)?;
     let device = crate::model::device(cfg.train.device)?;
-    let mut trainer = Trainer::new(setup, &device)?;
+    let mut trainer = crate::dino::init::begin(setup, &cfg.augment, &device)?;
     log::info!(
         "training {} on {} patches from {}: {} steps of {batch_size} samples on {device:?}",
         cfg.model.preset,

@@ -165,6 +165,12 @@ impl Mixer {
         self.fresh.len()
     }
 
+    /// The first `n` fresh patches waiting, oldest first, without taking them (an export probe
+    /// before the first batch).
+    pub fn peek_fresh(&self, n: usize) -> Vec<Arc<Patch>> {
+        self.fresh.iter().take(n).map(|slot| Arc::clone(&slot.patch)).collect()
+    }
+
     /// Patches in the replay buffer.
     pub fn replay_len(&self) -> usize {
         self.buffer.slots.len()
