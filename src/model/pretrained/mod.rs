@@ -200,7 +200,7 @@ fn map_dict(
     if !diffs.is_empty() {
         bail!(
             "{}: the file's architecture ({arch}) does not match preset `{}` (embed_dim {}, depth {}, \
-             mlp {}, qkv_bias {}, patch {}): {}; choose the preset of the file's size (or write one)",
+             mlp {}, qkv_bias {}, patch {}): {}; choose a preset of the file's size ({})",
             path.display(),
             preset.name,
             preset.embed_dim,
@@ -208,7 +208,8 @@ fn map_dict(
             preset.mlp_hidden(),
             preset.qkv_bias,
             preset.patch_size,
-            diffs.join(", ")
+            diffs.join(", "),
+            matching_presets(&arch)
         );
     }
     if !dict.ignored.is_empty() {
@@ -399,14 +400,9 @@ pub fn describe(file: &WeightFile) -> Result<Vec<String>> {
             }
         };
         lines.push(format!("    architecture: {arch} (num_heads is not stored in weights)"));
-        let sizes: Vec<_> = Preset::known()
-            .into_iter()
-            .filter(|name| Preset::load(name, arch.in_chans).is_ok_and(|p| arch.differences(&p).is_empty()))
-            .collect();
-        let sizes = if sizes.is_empty() { "none; write a preset TOML".to_string() } else { sizes.join(", ") };
-        lines.push(format!("    presets of this size: {sizes}"));
-        if let Some(v) = dict.head.get("last_layer.weight_v") {
-            lines.push(format!("    DINO head: {:?} prototypes x bottleneck", v.dims()));
+        lines.push(format!("    presets of this size: {}", matching_presets(&arch)));
+        if let Some((k, bottleneck)) = dict.head.get("last_layer.weight_v").and_then(|v| v.dims2().ok()) {
+            lines.push(format!("    DINO head: {k} prototypes, bottleneck {bottleneck}"));
         }
         lines.push(format!(
             "    bands: {} input channels, not named in the file: pass --init-bands ({})",
@@ -415,6 +411,19 @@ pub fn describe(file: &WeightFile) -> Result<Vec<String>> {
         ));
     }
     Ok(lines)
+}
+
+/// The known presets `arch` fits (patch size aside: PI-resize bridges it), or what to do instead.
+fn matching_presets(arch: &Architecture) -> String {
+    let names: Vec<_> = Preset::known()
+        .into_iter()
+        .filter(|name| Preset::load(name, arch.in_chans).is_ok_and(|p| arch.differences(&p).is_empty()))
+        .collect();
+    if names.is_empty() {
+        "none of the known presets; write a preset TOML".to_string()
+    } else {
+        names.join(", ")
+    }
 }
 
 fn list_some(keys: &[String]) -> String {
