@@ -265,3 +265,15 @@ fn inspect_checkpoint_shows_the_layout_architecture_and_bands() {
     let text = util::stdout(&out);
     assert!(text.contains("safetensors") && text.contains("head.bias, head.weight"), "{text}");
 }
+
+#[test]
+fn a_patch16_preset_refuses_crops_that_16_does_not_divide() {
+    let model = ModelConfig { preset: "vit-small-p16".into(), ..ModelConfig::default() };
+    let bands = vec!["B04".to_string()];
+    let setup =
+        TrainerSetup::new(&model, &TrainConfig::default(), &bands, 2, ScheduleSpan::for_steps(1, 1, 1))
+            .unwrap();
+    let msg = format!("{:#}", begin(setup, &AugmentConfig::default(), &Device::Cpu).err().unwrap());
+    assert!(msg.contains("augment.global_px = 120") && msg.contains("augment.local_px = 56"), "{msg}");
+    assert!(msg.contains("global_px = 112"), "{msg}");
+}
