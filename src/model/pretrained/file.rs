@@ -192,6 +192,22 @@ mod tests {
     }
 
     #[test]
+    fn legacy_pickles_and_other_files_are_errors_that_name_the_file_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("old.pth");
+        std::fs::write(&legacy, [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20]).unwrap();
+        let err = format!("{:#}", WeightFile::read(&legacy).unwrap_err());
+        assert!(err.contains("old.pth") && err.contains("legacy") && err.contains("torch.save"), "{err}");
+        let text = dir.path().join("notes.pth");
+        std::fs::write(&text, "not a checkpoint at all").unwrap();
+        let err = format!("{:#}", WeightFile::read(&text).unwrap_err());
+        assert!(
+            err.contains("notes.pth") && err.contains("neither a PyTorch zip nor a safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn prefixes_are_stripped_and_keys_sorted_by_role() {
         let keys = [
             "module.backbone.cls_token",
