@@ -354,6 +354,16 @@ pub enum Shape {
     Cosine,
 }
 
+/// What the service trains on while no fresh patch waits (`serve.rehearsal`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Rehearsal {
+    /// Keep training on replay-only batches from the replay buffer.
+    Continuous,
+    /// Train only when fresh patches arrive; idle otherwise.
+    Off,
+}
+
 /// The service (`[serve]`): where it keeps state, the continual (step-based, epoch-free)
 /// schedules, checkpoints and reporting. Start values of the schedules come from `[train]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -396,6 +406,16 @@ pub struct ServeConfig {
     pub metrics_port: Option<u16>,
     /// Stop cleanly (checkpoint, exit 0) after this many steps in total (unset: run until stopped).
     pub max_steps: Option<u64>,
+    /// Between arrivals: `continuous` keeps training on replay-only batches from the replay
+    /// buffer; `off` trains only when fresh patches arrive. Fresh patches always go first.
+    pub rehearsal: Rehearsal,
+    /// At most this many replay-only steps per fresh patch trained so far (unset: no cap). With
+    /// 0.5 and 200 fresh patches, rehearsal stops after 100 replay-only steps until more arrive.
+    pub max_rehearsal_steps_per_patch: Option<f64>,
+    /// Share of wall time spent in training steps, in (0, 1]: the service sleeps between steps to
+    /// hold it (power or thermal budgets, e.g. on a Jetson); 1 = no pause. Signals, the watchdog
+    /// and ingest are still answered while it sleeps.
+    pub duty_cycle: f64,
 }
 
 impl Default for ServeConfig {
@@ -417,6 +437,9 @@ impl Default for ServeConfig {
             status_every_steps: 10,
             metrics_port: None,
             max_steps: None,
+            rehearsal: Rehearsal::Continuous,
+            max_rehearsal_steps_per_patch: None,
+            duty_cycle: 1.0,
         }
     }
 }
@@ -745,6 +768,20 @@ impl ServeConfig {
         if self.max_steps == Some(0) {
             v.fail("serve.max_steps", "is 0; must be at least 1 (or unset to run until stopped)".into());
         }
+        if let Some(cap) = self.max_rehearsal_steps_per_patch
+            && !(cap >= 0.0 && cap.is_finite())
+        {
+            v.fail(
+                "serve.max_rehearsal_steps_per_patch",
+                format!("is {cap}; must be a number >= 0 (or unset for no cap; `serve.rehearsal = \"off\"` turns rehearsal off)"),
+            );
+        }
+        if !(self.duty_cycle > 0.0 && self.duty_cycle <= 1.0) {
+            v.fail(
+                "serve.duty_cycle",
+                format!("is {}; must be in (0, 1] (1 = no pause between steps)", self.duty_cycle),
+            );
+        }
     }
 }
 
@@ -879,6 +916,27 @@ mod tests {
         );
         assert_eq!((cfg.graceful_shutdown_limit_secs, cfg.status_every_steps), (30, 10));
         assert_eq!((cfg.metrics_port, cfg.max_steps), (None, None));
+        assert_eq!(
+            (cfg.rehearsal, cfg.max_rehearsal_steps_per_patch, cfg.duty_cycle),
+            (Rehearsal::Continuous, None, 1.0)
+        );
+    }
+
+    #[test]
+    fn rehearsal_keys_are_read_and_bad_values_rejected_with_their_key() {
+        let cfg = Config::from_toml(
+            "[serve]\nrehearsal = \"off\"\nmax_rehearsal_steps_per_patch = 2.5\nduty_cycle = 0.25\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.serve.rehearsal, cfg.serve.max_rehearsal_steps_per_patch, cfg.serve.duty_cycle),
+            (Rehearsal::Off, Some(2.5), 0.25)
+        );
+        assert!(Config::from_toml("[serve]\nrehearsal = \"always\"\n").unwrap_err().contains("always"));
+        let errs = errors_of("[serve]\nmax_rehearsal_steps_per_patch = -1.0\nduty_cycle = 0.0\n");
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["serve.max_rehearsal_steps_per_patch", "serve.duty_cycle"]);
+        assert!(errors_of("[serve]\nduty_cycle = 1.5\n")[0].reason.contains("(0, 1]"));
     }
 
     #[test]
@@ -931,7 +989,9 @@ mod tests {
                 assert!(text.contains(&format!("\n{key} = ")), "deploy/config.toml lacks {section}.{key}");
             }
         }
-        for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = "] {
+        for optional in
+            ["# nodata = ", "# metrics_port = ", "# max_steps = ", "# max_rehearsal_steps_per_patch = "]
+        {
             assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
         }
     }

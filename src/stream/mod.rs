@@ -11,7 +11,7 @@ pub mod replay;
 pub mod watch;
 
 pub use ledger::{Counts, Identity, Ledger, LedgerError, Observation, TileId, TileState};
-pub use replay::{MixedBatch, Mixer, MixerState, Pushed};
+pub use replay::{BatchCounts, MixedBatch, Mixer, MixerExtra, MixerState, Pushed};
 pub use watch::{Candidate, CandidateKind, WatchError, Watcher};
 
 use std::io;

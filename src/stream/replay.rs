@@ -8,8 +8,13 @@
 //! reservoir sampling keeps every patch ever seen with equal probability, FIFO keeps the newest.
 //! The buffer never holds more than `replay_capacity_patches` patches, whatever arrives.
 //!
-//! The mixer's whole state (RNG position, buffer, fresh queue, per-tile progress) is a plain
-//! [`MixerState`] value; restoring it continues the exact same sequence of batches.
+//! With no fresh patch waiting, [`Mixer::next_replay_batch`] builds a replay-only batch
+//! (rehearsal: the service keeps learning between arrivals). When fewer distinct patches exist
+//! than a batch holds, every stored patch goes in once and the rest of the batch is drawn with
+//! repetition; each draw becomes its own sample, so it gets its own crops.
+//!
+//! The mixer's whole state (RNG position, buffer, fresh queue, per-tile progress, batch counts)
+//! is a plain [`MixerState`] value; restoring it continues the exact same sequence of batches.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +49,22 @@ pub struct MixedBatch {
     pub tiles: Vec<TileId>,
     /// How many of `patches` are fresh.
     pub fresh: usize,
+}
+
+impl MixedBatch {
+    fn of(slots: impl IntoIterator<Item = Slot>, fresh: usize) -> MixedBatch {
+        let (tiles, patches) = slots.into_iter().map(|s| (s.tile, s.patch)).unzip();
+        MixedBatch { patches, tiles, fresh }
+    }
+}
+
+/// Batches built so far, by kind (since the first start: they travel in [`MixerState`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchCounts {
+    /// Batches with at least one fresh patch (the rest replayed).
+    pub fresh: u64,
+    /// Replay-only batches (rehearsal).
+    pub replay_only: u64,
 }
 
 /// A patch with its tile, as stored in the buffer and the fresh queue.
@@ -108,6 +129,7 @@ pub struct Mixer {
     fresh: heapless::Deque<Slot, FRESH_CAPACITY>,
     tiles: BTreeMap<TileId, TileProgress>,
     completed: Vec<TileId>,
+    batches: BatchCounts,
 }
 
 impl Mixer {
@@ -121,6 +143,7 @@ impl Mixer {
             fresh: heapless::Deque::new(),
             tiles: BTreeMap::new(),
             completed: Vec::new(),
+            batches: BatchCounts::default(),
         }
     }
 
@@ -170,26 +193,43 @@ impl Mixer {
         self.buffer.slots.len()
     }
 
-    /// The next batch of `batch_size` distinct patches, or `None` until there is at least one fresh
-    /// patch and enough patches in all.
+    /// Patches ever batched as fresh (each entered the buffer once).
+    pub fn fresh_patches(&self) -> u64 {
+        self.buffer.offered
+    }
+
+    /// Batches built so far, by kind.
+    pub fn batch_counts(&self) -> BatchCounts {
+        self.batches
+    }
+
+    /// The next batch of `batch_size` patches with fresh ones first, or `None` while no fresh
+    /// patch waits. Patches are distinct while enough exist (see the module doc).
     pub fn next_batch(&mut self, batch_size: usize) -> Option<MixedBatch> {
         let (n_fresh, n_replay) = self.split(batch_size)?;
-        let picks = rand::seq::index::sample(&mut self.rng, self.buffer.slots.len(), n_replay).into_vec();
-        let mut batch = MixedBatch { patches: Vec::new(), tiles: Vec::new(), fresh: n_fresh };
         let mut used = Vec::with_capacity(n_fresh);
         for _ in 0..n_fresh {
             let slot = self.fresh.pop_front().expect("split() counted the fresh queue");
             self.consumed(slot.tile);
             used.push(slot);
         }
-        let replayed = picks.into_iter().map(|i| self.buffer.slots[i].clone());
-        for slot in used.iter().cloned().chain(replayed) {
-            batch.tiles.push(slot.tile);
-            batch.patches.push(slot.patch);
-        }
+        let replayed = self.replayed(n_replay, &used);
+        let batch = MixedBatch::of(used.iter().cloned().chain(replayed), n_fresh);
         for slot in used {
             self.buffer.offer(slot, &mut self.rng);
         }
+        self.batches.fresh += 1;
+        Some(batch)
+    }
+
+    /// A replay-only batch of `batch_size` patches, or `None` while the buffer is empty (or a
+    /// fresh patch waits: fresh patches go first, through [`Mixer::next_batch`]).
+    pub fn next_replay_batch(&mut self, batch_size: usize) -> Option<MixedBatch> {
+        if self.buffer.slots.is_empty() || !self.fresh.is_empty() || batch_size == 0 {
+            return None;
+        }
+        let batch = MixedBatch::of(self.replayed(batch_size, &[]), 0);
+        self.batches.replay_only += 1;
         Some(batch)
     }
 
@@ -201,7 +241,23 @@ impl Mixer {
         let target = ((batch_size as f64 * self.fresh_fraction).ceil() as usize).clamp(1, batch_size);
         let needed = target.max(batch_size.saturating_sub(self.buffer.slots.len()));
         let n_fresh = needed.min(self.fresh.len());
-        (n_fresh + self.buffer.slots.len() >= batch_size).then_some((n_fresh, batch_size - n_fresh))
+        Some((n_fresh, batch_size - n_fresh))
+    }
+
+    /// `n` patches to replay: distinct ones from the buffer while it holds `n`; otherwise every
+    /// stored patch once and the rest drawn with repetition from the stored patches and this
+    /// batch's `fresh` ones. `n > 0` needs a stored or a fresh patch.
+    fn replayed(&mut self, n: usize, fresh: &[Slot]) -> Vec<Slot> {
+        let stored = self.buffer.slots.len();
+        let distinct = n.min(stored);
+        let picks = rand::seq::index::sample(&mut self.rng, stored, distinct);
+        let mut out: Vec<Slot> = picks.into_iter().map(|i| self.buffer.slots[i].clone()).collect();
+        let pool = stored + fresh.len();
+        for _ in distinct..n {
+            let i = self.rng.random_range(0..pool);
+            out.push(if i < stored { self.buffer.slots[i].clone() } else { fresh[i - stored].clone() });
+        }
+        out
     }
 
     fn consumed(&mut self, tile: TileId) {
@@ -227,6 +283,7 @@ impl Mixer {
             fresh: self.fresh.iter().map(StoredPatch::from).collect(),
             tiles: self.tiles.iter().map(|(&t, &p)| (t, p)).collect(),
             completed: self.completed.clone(),
+            extra: MixerExtra { batches: self.batches },
         }
     }
 
@@ -256,6 +313,7 @@ impl Mixer {
         mixer.tiles =
             state.tiles.into_iter().map(|(t, p)| (t, TileProgress { skip: p.pushed, ..p })).collect();
         mixer.completed = state.completed;
+        mixer.batches = state.extra.batches;
         mixer
     }
 }
@@ -275,6 +333,16 @@ pub struct MixerState {
     pub tiles: Vec<(TileId, TileProgress)>,
     /// Completed tiles not yet taken.
     pub completed: Vec<TileId>,
+    /// What was added after the first format. The last field: a checkpoint written before it
+    /// existed reads as one that ends with `MixerExtra::default()` (see `service::checkpoints`).
+    pub extra: MixerExtra,
+}
+
+/// The part of a [`MixerState`] added after the first checkpoint format.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MixerExtra {
+    /// Batches built so far, by kind.
+    pub batches: BatchCounts,
 }
 
 impl MixerState {
@@ -395,14 +463,15 @@ mod tests {
         batch.patches.iter().map(|p| p.window.x).collect()
     }
 
-    /// Push patches `from..to` (tile = patch number, one patch per tile) and take batches as needed.
+    /// Push patches `from..to` (tile = patch number, one patch per tile) and take a batch whenever
+    /// a whole one is queued (as the service does while tiles are being read).
     fn feed(mixer: &mut Mixer, from: u32, to: u32, batch_size: usize) -> Vec<Vec<u32>> {
         let mut batches = Vec::new();
         for n in from..to {
             mixer.push_fresh(TileId(n as u64), patch(n)).unwrap();
             mixer.finish_tile(TileId(n as u64));
-            if let Some(b) = mixer.next_batch(batch_size) {
-                batches.push(ids(&b));
+            if mixer.fresh_len() >= batch_size {
+                batches.push(ids(&mixer.next_batch(batch_size).expect("a whole batch is queued")));
             }
         }
         batches
@@ -458,8 +527,14 @@ mod tests {
     #[test]
     fn batches_mix_fresh_and_replayed_patches_by_the_configured_share() {
         let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.25), 3);
-        let batches = feed(&mut mixer, 0, 8, 8);
-        assert_eq!(batches.len(), 1, "the first batch waits for 8 patches: {batches:?}");
+        for n in 0..8 {
+            mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
+        }
+        assert_eq!(
+            ids(&mixer.next_batch(8).unwrap()),
+            (0..8).collect::<Vec<_>>(),
+            "an empty buffer: all fresh"
+        );
         for n in 8..16 {
             mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
         }
@@ -467,10 +542,51 @@ mod tests {
         assert_eq!(batch.fresh, 2);
         assert_eq!(ids(&batch)[..2], [8, 9]);
         assert!(ids(&batch)[2..].iter().all(|&n| n < 8), "replayed patches are trained ones");
-        let mut unique = ids(&batch);
+        assert_eq!(distinct(&batch), 8, "no patch twice in a batch");
+    }
+
+    fn distinct(batch: &MixedBatch) -> usize {
+        let mut unique = ids(batch);
         unique.sort();
         unique.dedup();
-        assert_eq!(unique.len(), 8, "no patch twice in a batch");
+        unique.len()
+    }
+
+    #[test]
+    fn replay_only_batches_come_from_trained_patches_once_the_fresh_queue_is_empty() {
+        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.5), 5);
+        assert!(mixer.next_replay_batch(4).is_none(), "nothing stored yet");
+        for n in 0..6 {
+            mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
+        }
+        assert!(mixer.next_replay_batch(4).is_none(), "fresh patches go first");
+        mixer.next_batch(4).unwrap();
+        mixer.next_batch(4).unwrap();
+        assert_eq!((mixer.fresh_len(), mixer.fresh_patches()), (0, 6));
+        for _ in 0..20 {
+            let batch = mixer.next_replay_batch(4).unwrap();
+            assert_eq!(batch.fresh, 0);
+            assert_eq!(distinct(&batch), 4, "the buffer holds a batch: distinct patches");
+            assert!(ids(&batch).iter().all(|&n| n < 6));
+        }
+        assert_eq!(mixer.batch_counts(), BatchCounts { fresh: 2, replay_only: 20 });
+    }
+
+    #[test]
+    fn fewer_patches_than_a_batch_still_make_batches_with_every_patch_in_them() {
+        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.5), 9);
+        for n in 0..3 {
+            mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
+        }
+        let first = mixer.next_batch(8).expect("3 patches make a batch of 8");
+        assert_eq!((first.fresh, first.patches.len()), (3, 8));
+        assert_eq!(ids(&first)[..3], [0, 1, 2]);
+        assert_eq!(distinct(&first), 3);
+        mixer.push_fresh(TileId(3), patch(3)).unwrap();
+        let second = mixer.next_batch(8).unwrap();
+        assert_eq!((second.fresh, distinct(&second)), (1, 4), "the new patch and every stored one");
+        let replay = mixer.next_replay_batch(8).unwrap();
+        assert_eq!((replay.patches.len(), distinct(&replay)), (8, 4));
     }
 
     #[test]
@@ -516,6 +632,16 @@ mod tests {
         let b = feed(&mut resumed, 46, 90, 6);
         assert!(!first.is_empty() && !a.is_empty());
         assert_eq!(a, b);
+        let rehearse = |m: &mut Mixer| -> Vec<Vec<u32>> {
+            let mut out: Vec<_> = std::iter::from_fn(|| m.next_batch(6)).map(|b| ids(&b)).collect();
+            out.extend((0..5).map(|_| ids(&m.next_replay_batch(6).unwrap())));
+            out
+        };
+        let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
+        let (a, b) = (rehearse(&mut straight), rehearse(&mut Mixer::restore(&c, saved)));
+        assert_eq!(a, b, "replay-only batches continue the same way after a restore");
+        let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
+        resumed = Mixer::restore(&c, saved);
         assert_eq!(straight.take_completed(), resumed.take_completed());
         assert_eq!(straight.state(), resumed.state());
     }
