@@ -292,6 +292,11 @@ pub enum ReplayPolicy {
     Reservoir,
     /// First in, first out: the buffer holds the most recent patches.
     Fifo,
+    /// Minimum redundancy (MinRed, Purushwalkam et al., ECCV 2022): evict the stored patch whose
+    /// teacher embedding is most similar to another stored patch's, so that the buffer stays
+    /// diverse when tiles of one pass arrive together and look alike.
+    #[serde(rename = "min-redundancy")]
+    MinRedundancy,
 }
 
 /// Streaming settings (`[stream]`): the watched folder, the ledger and the replay buffer.
@@ -318,7 +323,9 @@ pub struct StreamConfig {
     /// Replay buffer size in patches (memory: about `C * H * W * 4` bytes each, 576 KB for 10 bands
     /// at 120 px).
     pub replay_capacity_patches: usize,
-    /// Which patch a full replay buffer evicts: `reservoir` or `fifo`.
+    /// Which patch a full replay buffer evicts: `reservoir` (every patch seen equally likely to
+    /// stay), `fifo` (the newest stay) or `min-redundancy` (the one whose teacher embedding is
+    /// closest to another stored patch's goes; costs one pass over the buffer per patch trained).
     pub replay_policy: ReplayPolicy,
     /// Share of fresh (never trained) patches in each batch (0..=1]; the rest is replayed.
     pub fresh_fraction: f64,
@@ -880,6 +887,9 @@ mod tests {
         assert_eq!(cfg.stream.replay_policy, ReplayPolicy::Fifo);
         assert!(cfg.stream.recursive);
         assert!(Config::from_toml("[stream]\nhandled = \"archive\"\n").unwrap_err().contains("archive"));
+        let minred = Config::from_toml("[stream]\nreplay_policy = \"min-redundancy\"\n").unwrap();
+        assert_eq!(minred.stream.replay_policy, ReplayPolicy::MinRedundancy);
+        assert!(Config::from_toml("[stream]\nreplay_policy = \"minred\"\n").unwrap_err().contains("minred"));
     }
 
     #[test]

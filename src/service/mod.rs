@@ -107,7 +107,15 @@ fn guard_shutdown(stop: &StopFlag, limit: Duration) -> Result<()> {
 struct InFlight {
     completed: Vec<TileId>,
     replay_only: bool,
+    /// The batch's number and replay keys (for the teacher embeddings of `min-redundancy`).
+    number: u64,
+    keys: Vec<u64>,
 }
+
+const _: () = assert!(
+    PREFETCH_BATCHES as u64 <= stream::replay::EMBEDDING_LAG_BATCHES,
+    "a batch is mixed only after the embeddings it waits for were recorded"
+);
 
 /// The owner thread's state.
 struct Service {
@@ -356,14 +364,15 @@ impl Service {
             .next_batch(batch_size)
             .or_else(|| rehearse.then(|| mixer.next_replay_batch(batch_size)).flatten());
         let Some(batch) = batch else { return Ok(false) };
-        let replay_only = batch.fresh == 0;
+        let (replay_only, number, keys) = (batch.fresh == 0, batch.number, batch.keys);
         self.probe = batch.patches.iter().take(self.cfg.export.probe_patches).cloned().collect();
         for patch in batch.patches {
             let sample = Sample { id: self.next_sample_id, patch };
             self.next_sample_id += 1;
             self.samples.send(sample).context("the augmentation threads stopped")?;
         }
-        self.in_flight.push_back(InFlight { completed: self.mixer.take_completed(), replay_only });
+        let completed = self.mixer.take_completed();
+        self.in_flight.push_back(InFlight { completed, replay_only, number, keys });
         Ok(true)
     }
 
@@ -374,7 +383,13 @@ impl Service {
         let report = match batch {
             Ok(batch) => {
                 let settings = self.schedule.at(self.step());
-                let report = self.trainer.step_batch_with(&batch, &settings)?;
+                let report = if self.mixer.wants_embeddings() {
+                    let (report, cls) = self.trainer.step_batch_embedding(&batch, &settings)?;
+                    self.mixer.record_embeddings(done.number, &done.keys, cls);
+                    report
+                } else {
+                    self.trainer.step_batch_with(&batch, &settings)?
+                };
                 self.pool.recycle(batch);
                 Some(report)
             }

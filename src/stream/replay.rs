@@ -5,8 +5,15 @@
 //! queue hands the patch back so ingest waits). A batch takes about `fresh_fraction` of its
 //! patches from that queue (more when the buffer is still small) and samples the rest, without
 //! repetition, from the replay buffer. Fresh patches enter the buffer after their batch was built:
-//! reservoir sampling keeps every patch ever seen with equal probability, FIFO keeps the newest.
-//! The buffer never holds more than `replay_capacity_patches` patches, whatever arrives.
+//! reservoir sampling keeps every patch ever seen with equal probability, FIFO keeps the newest,
+//! min-redundancy (MinRed, Purushwalkam et al., ECCV 2022) evicts the stored patch whose teacher
+//! embedding is most similar to another stored one ([`super::redundancy`]). The buffer never holds
+//! more than `replay_capacity_patches` patches, whatever arrives.
+//!
+//! Min-redundancy learns the embeddings from training: after each step the service hands back
+//! the teacher cls embedding of every sample's first global view ([`Mixer::record_embeddings`]).
+//! They take effect when batch `number + EMBEDDING_LAG_BATCHES` is mixed, a fixed point in the
+//! sequence of batches however fast the trainer runs, so resumed runs evict the same patches.
 //!
 //! With no fresh patch waiting, [`Mixer::next_replay_batch`] builds a replay-only batch
 //! (rehearsal: the service keeps learning between arrivals). When fewer distinct patches exist
@@ -16,7 +23,7 @@
 //! The mixer's whole state (RNG position, buffer, fresh queue, per-tile progress, batch counts)
 //! is a plain [`MixerState`] value; restoring it continues the exact same sequence of batches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,10 +33,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ReplayPolicy, StreamConfig};
 use crate::stream::TileId;
+use crate::stream::redundancy::Redundancy;
 use crate::tile::{Patch, Window};
 
 /// Fresh patches that may wait for training at once (backpressure beyond this).
 pub const FRESH_CAPACITY: usize = 256;
+/// Embeddings of batch `n` take effect when batch `n + EMBEDDING_LAG_BATCHES` is mixed: the service
+/// must never have more batches than this mixed but not trained.
+pub const EMBEDDING_LAG_BATCHES: u64 = 2;
 
 /// What [`Mixer::push_fresh`] did with a patch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +60,19 @@ pub struct MixedBatch {
     pub tiles: Vec<TileId>,
     /// How many of `patches` are fresh.
     pub fresh: usize,
+    /// Position of this batch among all batches mixed (0 first).
+    pub number: u64,
+    /// The replay key of each patch (what [`Mixer::record_embeddings`] takes back).
+    pub keys: Vec<u64>,
 }
 
-impl MixedBatch {
-    fn of(slots: impl IntoIterator<Item = Slot>, fresh: usize) -> MixedBatch {
-        let (tiles, patches) = slots.into_iter().map(|s| (s.tile, s.patch)).unzip();
-        MixedBatch { patches, tiles, fresh }
-    }
+/// Teacher embeddings of one trained batch, waiting to take effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embedded {
+    /// The batch's number.
+    pub number: u64,
+    /// Replay key and embedding of each sample.
+    pub samples: Vec<(u64, Vec<f32>)>,
 }
 
 /// Batches built so far, by kind (since the first start: they travel in [`MixerState`]).
@@ -92,30 +109,55 @@ pub struct TileProgress {
 struct ReplayBuffer {
     policy: ReplayPolicy,
     capacity: usize,
-    /// Patches ever offered.
+    /// Patches ever offered (a patch's key is the count before it was offered).
     offered: u64,
     slots: Vec<Slot>,
+    /// Key of each slot's patch.
+    keys: Vec<u64>,
+    /// Teacher embeddings of the slots (min-redundancy only).
+    redundancy: Redundancy,
 }
 
 impl ReplayBuffer {
     fn new(policy: ReplayPolicy, capacity: usize) -> ReplayBuffer {
-        ReplayBuffer { policy, capacity: capacity.max(1), offered: 0, slots: Vec::new() }
+        ReplayBuffer {
+            policy,
+            capacity: capacity.max(1),
+            offered: 0,
+            slots: Vec::new(),
+            keys: Vec::new(),
+            redundancy: Redundancy::default(),
+        }
     }
 
-    /// Offer a trained patch; it may evict one (FIFO: the oldest; reservoir: Algorithm R).
+    /// Offer a trained patch; it may evict one (FIFO: the oldest; reservoir: Algorithm R;
+    /// min-redundancy: the most redundant embedded one, the oldest while fewer than two are).
     fn offer(&mut self, slot: Slot, rng: &mut ChaCha8Rng) {
         let seen = self.offered;
         self.offered += 1;
         if self.slots.len() < self.capacity {
             self.slots.push(slot);
+            self.keys.push(seen);
+            self.redundancy.clear(self.slots.len() - 1);
             return;
         }
+        let oldest = (seen % self.capacity as u64) as usize;
         let victim = match self.policy {
-            ReplayPolicy::Fifo => (seen % self.capacity as u64) as usize,
+            ReplayPolicy::Fifo => oldest,
             ReplayPolicy::Reservoir => rng.random_range(0..=seen) as usize,
+            ReplayPolicy::MinRedundancy => self.redundancy.most_redundant().unwrap_or(oldest),
         };
         if victim < self.capacity {
             self.slots[victim] = slot;
+            self.keys[victim] = seen;
+            self.redundancy.clear(victim);
+        }
+    }
+
+    /// Store `embedding` for the patch with `key` (ignored when it left the buffer).
+    fn embed(&mut self, key: u64, embedding: &[f32]) {
+        if let Some(i) = self.keys.iter().position(|&k| k == key) {
+            self.redundancy.set(i, embedding);
         }
     }
 }
@@ -130,6 +172,8 @@ pub struct Mixer {
     tiles: BTreeMap<TileId, TileProgress>,
     completed: Vec<TileId>,
     batches: BatchCounts,
+    /// Embeddings of trained batches, in batch order, not yet in effect.
+    pending: VecDeque<Embedded>,
 }
 
 impl Mixer {
@@ -144,6 +188,7 @@ impl Mixer {
             tiles: BTreeMap::new(),
             completed: Vec::new(),
             batches: BatchCounts::default(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -207,14 +252,17 @@ impl Mixer {
     /// patch waits. Patches are distinct while enough exist (see the module doc).
     pub fn next_batch(&mut self, batch_size: usize) -> Option<MixedBatch> {
         let (n_fresh, n_replay) = self.split(batch_size)?;
+        self.apply_embeddings();
         let mut used = Vec::with_capacity(n_fresh);
         for _ in 0..n_fresh {
             let slot = self.fresh.pop_front().expect("split() counted the fresh queue");
             self.consumed(slot.tile);
             used.push(slot);
         }
-        let replayed = self.replayed(n_replay, &used);
-        let batch = MixedBatch::of(used.iter().cloned().chain(replayed), n_fresh);
+        let first_key = self.buffer.offered;
+        let fresh = used.iter().enumerate().map(|(k, slot)| (first_key + k as u64, slot.clone()));
+        let replayed: Vec<(u64, Slot)> = fresh.clone().chain(self.replayed(n_replay, &used)).collect();
+        let batch = self.batch(replayed, n_fresh);
         for slot in used {
             self.buffer.offer(slot, &mut self.rng);
         }
@@ -228,9 +276,54 @@ impl Mixer {
         if self.buffer.slots.is_empty() || !self.fresh.is_empty() || batch_size == 0 {
             return None;
         }
-        let batch = MixedBatch::of(self.replayed(batch_size, &[]), 0);
+        self.apply_embeddings();
+        let slots = self.replayed(batch_size, &[]);
+        let batch = self.batch(slots, 0);
         self.batches.replay_only += 1;
         Some(batch)
+    }
+
+    /// The batch of `slots` (with their keys), numbered as the next one.
+    fn batch(&self, slots: Vec<(u64, Slot)>, fresh: usize) -> MixedBatch {
+        let number = self.batches.fresh + self.batches.replay_only;
+        let mut batch =
+            MixedBatch { patches: Vec::new(), tiles: Vec::new(), fresh, number, keys: Vec::new() };
+        for (key, slot) in slots {
+            batch.keys.push(key);
+            batch.tiles.push(slot.tile);
+            batch.patches.push(slot.patch);
+        }
+        batch
+    }
+
+    /// Whether the replay policy uses teacher embeddings (then pass them to
+    /// [`Mixer::record_embeddings`] after each step).
+    pub fn wants_embeddings(&self) -> bool {
+        self.buffer.policy == ReplayPolicy::MinRedundancy
+    }
+
+    /// The teacher embeddings of trained batch `number`, one per patch in the batch's order
+    /// (`keys` from [`MixedBatch::keys`]). A patch drawn twice keeps its first embedding.
+    pub fn record_embeddings(&mut self, number: u64, keys: &[u64], embeddings: Vec<Vec<f32>>) {
+        let mut samples: Vec<(u64, Vec<f32>)> = Vec::with_capacity(keys.len());
+        for (&key, embedding) in keys.iter().zip(embeddings) {
+            if !samples.iter().any(|(k, _)| *k == key) {
+                samples.push((key, embedding));
+            }
+        }
+        self.pending.push_back(Embedded { number, samples });
+    }
+
+    /// Put into effect the embeddings of batches at least [`EMBEDDING_LAG_BATCHES`] before the
+    /// one being mixed now.
+    fn apply_embeddings(&mut self) {
+        let now = self.batches.fresh + self.batches.replay_only;
+        while self.pending.front().is_some_and(|e| e.number + EMBEDDING_LAG_BATCHES <= now) {
+            let done = self.pending.pop_front().expect("front checked");
+            for (key, embedding) in &done.samples {
+                self.buffer.embed(*key, embedding);
+            }
+        }
     }
 
     /// How many fresh and replayed patches the next batch takes.
@@ -247,17 +340,26 @@ impl Mixer {
     /// `n` patches to replay: distinct ones from the buffer while it holds `n`; otherwise every
     /// stored patch once and the rest drawn with repetition from the stored patches and this
     /// batch's `fresh` ones. `n > 0` needs a stored or a fresh patch.
-    fn replayed(&mut self, n: usize, fresh: &[Slot]) -> Vec<Slot> {
+    fn replayed(&mut self, n: usize, fresh: &[Slot]) -> Vec<(u64, Slot)> {
         let stored = self.buffer.slots.len();
         let distinct = n.min(stored);
         let picks = rand::seq::index::sample(&mut self.rng, stored, distinct);
-        let mut out: Vec<Slot> = picks.into_iter().map(|i| self.buffer.slots[i].clone()).collect();
+        let mut out: Vec<(u64, Slot)> = picks.into_iter().map(|i| self.stored(i)).collect();
         let pool = stored + fresh.len();
         for _ in distinct..n {
             let i = self.rng.random_range(0..pool);
-            out.push(if i < stored { self.buffer.slots[i].clone() } else { fresh[i - stored].clone() });
+            out.push(if i < stored {
+                self.stored(i)
+            } else {
+                (self.buffer.offered + (i - stored) as u64, fresh[i - stored].clone())
+            });
         }
         out
+    }
+
+    /// Buffer slot `i` with its key.
+    fn stored(&self, i: usize) -> (u64, Slot) {
+        (self.buffer.keys[i], self.buffer.slots[i].clone())
     }
 
     fn consumed(&mut self, tile: TileId) {
@@ -283,7 +385,12 @@ impl Mixer {
             fresh: self.fresh.iter().map(StoredPatch::from).collect(),
             tiles: self.tiles.iter().map(|(&t, &p)| (t, p)).collect(),
             completed: self.completed.clone(),
-            extra: MixerExtra { batches: self.batches },
+            extra: MixerExtra {
+                batches: self.batches,
+                keys: self.buffer.keys.clone(),
+                embeddings: self.buffer.redundancy.embeddings().to_vec(),
+                pending: self.pending.iter().cloned().collect(),
+            },
         }
     }
 
@@ -294,14 +401,26 @@ impl Mixer {
         mixer.rng = state.rng.rng();
         mixer.buffer.offered = state.offered;
         mixer.buffer.slots = state.buffer.into_iter().map(Slot::from).collect();
-        if mixer.buffer.slots.len() > mixer.buffer.capacity {
+        let n = mixer.buffer.slots.len();
+        let MixerExtra { batches, mut keys, mut embeddings, pending } = state.extra;
+        if keys.len() != n {
+            // a checkpoint from before the keys: any keys below `offered` are unique and unused
+            keys = (0..n as u64).map(|i| state.offered.saturating_sub(n as u64) + i).collect();
+        }
+        embeddings.resize(n, None);
+        if n > mixer.buffer.capacity {
             log::warn!(
-                "replay buffer: the checkpoint holds {} patches, stream.replay_capacity_patches is {}; dropping the rest",
-                mixer.buffer.slots.len(),
+                "replay buffer: the checkpoint holds {n} patches, stream.replay_capacity_patches is {}; dropping the rest",
                 mixer.buffer.capacity
             );
             mixer.buffer.slots.truncate(mixer.buffer.capacity);
+            keys.truncate(mixer.buffer.capacity);
+            embeddings.truncate(mixer.buffer.capacity);
         }
+        mixer.buffer.keys = keys;
+        mixer.buffer.redundancy = Redundancy::from_embeddings(embeddings);
+        mixer.batches = batches;
+        mixer.pending = pending.into();
         for stored in state.fresh {
             if mixer.fresh.push_back(Slot::from(stored)).is_err() {
                 log::warn!(
@@ -313,7 +432,6 @@ impl Mixer {
         mixer.tiles =
             state.tiles.into_iter().map(|(t, p)| (t, TileProgress { skip: p.pushed, ..p })).collect();
         mixer.completed = state.completed;
-        mixer.batches = state.extra.batches;
         mixer
     }
 }
@@ -343,6 +461,13 @@ pub struct MixerState {
 pub struct MixerExtra {
     /// Batches built so far, by kind.
     pub batches: BatchCounts,
+    /// Replay key of each buffer slot.
+    pub keys: Vec<u64>,
+    /// Teacher embedding of each buffer slot (min-redundancy; `None` until trained after it was
+    /// stored).
+    pub embeddings: Vec<Option<Vec<f32>>>,
+    /// Embeddings of trained batches not in effect yet.
+    pub pending: Vec<Embedded>,
 }
 
 impl MixerState {
@@ -643,6 +768,70 @@ mod tests {
         let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
         resumed = Mixer::restore(&c, saved);
         assert_eq!(straight.take_completed(), resumed.take_completed());
+        assert_eq!(straight.state(), resumed.state());
+    }
+
+    /// A teacher embedding for patch `n`: patches below 5 each point their own way, the others
+    /// all (nearly) the same way, as tiles of one pass that look alike.
+    fn embedding(n: u32) -> Vec<f32> {
+        let mut e = vec![0.0; 8];
+        if n < 5 {
+            e[n as usize] = 1.0;
+        } else {
+            e[5] = 1.0;
+            e[6] = n as f32 * 1e-3;
+        }
+        e
+    }
+
+    /// Push patches `from..to`, mixing a batch of 4 whenever two are queued and handing back the
+    /// batch's embeddings after it, as the service does. Returns the batches.
+    fn stream_with_embeddings(mixer: &mut Mixer, from: u32, to: u32) -> Vec<Vec<u32>> {
+        let mut batches = Vec::new();
+        for n in from..to {
+            mixer.push_fresh(TileId(n as u64), patch(n)).unwrap();
+            mixer.finish_tile(TileId(n as u64));
+            if mixer.fresh_len() >= 2 {
+                let batch = mixer.next_batch(4).unwrap();
+                let cls = batch.patches.iter().map(|p| embedding(p.window.x)).collect();
+                mixer.record_embeddings(batch.number, &batch.keys, cls);
+                batches.push(ids(&batch));
+            }
+        }
+        batches
+    }
+
+    fn kept(mixer: &Mixer) -> Vec<u32> {
+        let mut kept: Vec<u32> = mixer.buffer.slots.iter().map(|s| s.patch.window.x).collect();
+        kept.sort();
+        kept
+    }
+
+    #[test]
+    fn min_redundancy_keeps_the_distinct_patches_that_reservoir_sampling_loses() {
+        let run = |policy| {
+            let mut mixer = Mixer::new(&cfg(10, policy, 0.5), 4);
+            stream_with_embeddings(&mut mixer, 0, 60);
+            kept(&mixer)
+        };
+        let minred = run(ReplayPolicy::MinRedundancy);
+        assert_eq!(minred.len(), 10);
+        assert_eq!(minred[..5], [0, 1, 2, 3, 4], "every distinct patch stays: {minred:?}");
+        let reservoir = run(ReplayPolicy::Reservoir);
+        assert!(reservoir.iter().filter(|&&n| n < 5).count() < 5, "{reservoir:?}");
+    }
+
+    #[test]
+    fn min_redundancy_state_with_embeddings_in_flight_restores_exactly() {
+        let c = cfg(10, ReplayPolicy::MinRedundancy, 0.5);
+        let mut straight = Mixer::new(&c, 8);
+        stream_with_embeddings(&mut straight, 0, 31);
+        let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
+        assert!(!saved.extra.pending.is_empty() && saved.extra.embeddings.iter().any(Option::is_some));
+        let mut resumed = Mixer::restore(&c, saved);
+        let (a, b) =
+            (stream_with_embeddings(&mut straight, 31, 80), stream_with_embeddings(&mut resumed, 31, 80));
+        assert_eq!(a, b);
         assert_eq!(straight.state(), resumed.state());
     }
 }
