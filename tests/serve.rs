@@ -419,6 +419,27 @@ fn with_rehearsal_off_fewer_patches_than_a_batch_train_once_and_the_service_idle
 }
 
 #[test]
+fn the_rehearsal_cap_stops_replay_only_steps_until_more_patches_arrive() {
+    let cfg = config("checkpoint_every_steps = 1000\nmax_rehearsal_steps_per_patch = 2.0\n", 8, "");
+    let mut s = Service::new(&cfg);
+    for i in 0..2 {
+        drop_tile(&s.path("incoming"), &format!("c{i}.tif"), 800 + i);
+    }
+    std::thread::sleep(SETTLED);
+    s.start(&[]);
+    let idle = |s: &mut Service, replay_only: u64| {
+        s.wait_until("the capped replay-only steps", 60, |s| s.stat("replay_only_steps") >= replay_only);
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(s.stat("replay_only_steps"), replay_only, "2 per fresh patch\n{}", s.log());
+    };
+    idle(&mut s, 4);
+    drop_tile(&s.path("incoming"), "c2.tif", 802);
+    idle(&mut s, 6);
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+#[test]
 fn the_duty_cycle_pauses_between_steps_and_sigterm_still_stops_a_pausing_service() {
     let cfg = config("checkpoint_every_steps = 1000\nduty_cycle = 0.25\n", 4, "")
         .replace("status_every_steps = 1\n", "status_every_steps = 8\n");
