@@ -12,7 +12,8 @@ cargo build --release --locked
 bin=$PWD/target/release/dinostream
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/tiles"
-find "$data" -name '*.tif' | sort | head -"$n" | while read -r f; do cp "$f" "$work/tiles/"; done
+mapfile -t tiles < <(find "$data" -name '*.tif' | sort)
+cp "${tiles[@]:0:$n}" "$work/tiles/"
 cat >"$work/config.toml" <<EOF
 [tile]
 layout = "eurosat13"
