@@ -347,6 +347,11 @@ pub enum ReplayPolicy {
     Reservoir,
     /// First in, first out: the buffer holds the most recent patches.
     Fifo,
+    /// Minimum redundancy (MinRed, Purushwalkam et al., ECCV 2022): evict the stored patch whose
+    /// teacher embedding is most similar to another stored patch's, so that the buffer stays
+    /// diverse when tiles of one pass arrive together and look alike.
+    #[serde(rename = "min-redundancy")]
+    MinRedundancy,
 }
 
 /// Streaming settings (`[stream]`): the watched folder, the ledger and the replay buffer.
@@ -373,7 +378,9 @@ pub struct StreamConfig {
     /// Replay buffer size in patches (memory: about `C * H * W * 4` bytes each, 576 KB for 10 bands
     /// at 120 px).
     pub replay_capacity_patches: usize,
-    /// Which patch a full replay buffer evicts: `reservoir` or `fifo`.
+    /// Which patch a full replay buffer evicts: `reservoir` (every patch seen equally likely to
+    /// stay), `fifo` (the newest stay) or `min-redundancy` (the one whose teacher embedding is
+    /// closest to another stored patch's goes; costs one pass over the buffer per patch trained).
     pub replay_policy: ReplayPolicy,
     /// Share of fresh (never trained) patches in each batch (0..=1]; the rest is replayed.
     pub fresh_fraction: f64,
@@ -407,6 +414,16 @@ pub enum Shape {
     Constant,
     /// Half-cosine from its start value to its end value over the horizon, then holds the end.
     Cosine,
+}
+
+/// What the service trains on while no fresh patch waits (`serve.rehearsal`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Rehearsal {
+    /// Keep training on replay-only batches from the replay buffer.
+    Continuous,
+    /// Train only when fresh patches arrive; idle otherwise.
+    Off,
 }
 
 /// The service (`[serve]`): where it keeps state, the continual (step-based, epoch-free)
@@ -451,6 +468,16 @@ pub struct ServeConfig {
     pub metrics_port: Option<u16>,
     /// Stop cleanly (checkpoint, exit 0) after this many steps in total (unset: run until stopped).
     pub max_steps: Option<u64>,
+    /// Between arrivals: `continuous` keeps training on replay-only batches from the replay
+    /// buffer; `off` trains only when fresh patches arrive. Fresh patches always go first.
+    pub rehearsal: Rehearsal,
+    /// At most this many replay-only steps per fresh patch trained so far (unset: no cap). With
+    /// 0.5 and 200 fresh patches, rehearsal stops after 100 replay-only steps until more arrive.
+    pub max_rehearsal_steps_per_patch: Option<f64>,
+    /// Share of wall time spent in training steps, in (0, 1]: the service sleeps between steps to
+    /// hold it (power or thermal budgets, e.g. on a Jetson); 1 = no pause. Signals, the watchdog
+    /// and ingest are still answered while it sleeps.
+    pub duty_cycle: f64,
 }
 
 impl Default for ServeConfig {
@@ -472,6 +499,9 @@ impl Default for ServeConfig {
             status_every_steps: 10,
             metrics_port: None,
             max_steps: None,
+            rehearsal: Rehearsal::Continuous,
+            max_rehearsal_steps_per_patch: None,
+            duty_cycle: 1.0,
         }
     }
 }
@@ -812,6 +842,20 @@ impl ServeConfig {
         if self.max_steps == Some(0) {
             v.fail("serve.max_steps", "is 0; must be at least 1 (or unset to run until stopped)".into());
         }
+        if let Some(cap) = self.max_rehearsal_steps_per_patch
+            && !(cap >= 0.0 && cap.is_finite())
+        {
+            v.fail(
+                "serve.max_rehearsal_steps_per_patch",
+                format!("is {cap}; must be a number >= 0 (or unset for no cap; `serve.rehearsal = \"off\"` turns rehearsal off)"),
+            );
+        }
+        if !(self.duty_cycle > 0.0 && self.duty_cycle <= 1.0) {
+            v.fail(
+                "serve.duty_cycle",
+                format!("is {}; must be in (0, 1] (1 = no pause between steps)", self.duty_cycle),
+            );
+        }
     }
 }
 
@@ -925,6 +969,9 @@ mod tests {
         assert_eq!(cfg.stream.replay_policy, ReplayPolicy::Fifo);
         assert!(cfg.stream.recursive);
         assert!(Config::from_toml("[stream]\nhandled = \"archive\"\n").unwrap_err().contains("archive"));
+        let minred = Config::from_toml("[stream]\nreplay_policy = \"min-redundancy\"\n").unwrap();
+        assert_eq!(minred.stream.replay_policy, ReplayPolicy::MinRedundancy);
+        assert!(Config::from_toml("[stream]\nreplay_policy = \"minred\"\n").unwrap_err().contains("minred"));
     }
 
     #[test]
@@ -961,6 +1008,27 @@ mod tests {
         );
         assert_eq!((cfg.graceful_shutdown_limit_secs, cfg.status_every_steps), (30, 10));
         assert_eq!((cfg.metrics_port, cfg.max_steps), (None, None));
+        assert_eq!(
+            (cfg.rehearsal, cfg.max_rehearsal_steps_per_patch, cfg.duty_cycle),
+            (Rehearsal::Continuous, None, 1.0)
+        );
+    }
+
+    #[test]
+    fn rehearsal_keys_are_read_and_bad_values_rejected_with_their_key() {
+        let cfg = Config::from_toml(
+            "[serve]\nrehearsal = \"off\"\nmax_rehearsal_steps_per_patch = 2.5\nduty_cycle = 0.25\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.serve.rehearsal, cfg.serve.max_rehearsal_steps_per_patch, cfg.serve.duty_cycle),
+            (Rehearsal::Off, Some(2.5), 0.25)
+        );
+        assert!(Config::from_toml("[serve]\nrehearsal = \"always\"\n").unwrap_err().contains("always"));
+        let errs = errors_of("[serve]\nmax_rehearsal_steps_per_patch = -1.0\nduty_cycle = 0.0\n");
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["serve.max_rehearsal_steps_per_patch", "serve.duty_cycle"]);
+        assert!(errors_of("[serve]\nduty_cycle = 1.5\n")[0].reason.contains("(0, 1]"));
     }
 
     #[test]
@@ -1013,8 +1081,14 @@ mod tests {
                 assert!(text.contains(&format!("\n{key} = ")), "deploy/config.toml lacks {section}.{key}");
             }
         }
-        for optional in ["# nodata = ", "# metrics_port = ", "# max_steps = ", "# init = ", "# init_bands = "]
-        {
+        for optional in [
+            "# nodata = ",
+            "# metrics_port = ",
+            "# max_steps = ",
+            "# max_rehearsal_steps_per_patch = ",
+            "# init = ",
+            "# init_bands = ",
+        ] {
             assert!(text.contains(optional), "deploy/config.toml lacks {optional}");
         }
     }

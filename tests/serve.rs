@@ -1,6 +1,6 @@
 //! `dinostream serve` end to end: the real binary on temporary folders with the micro preset.
 //! Files dropped while running (slow writes, renames, garbage, broken TIFFs), a burst, SIGTERM,
-//! kill -9 and restart, and the bit-exact resume.
+//! kill -9 and restart, and the bit-exact resume; rehearsal between arrivals and the duty cycle.
 
 use std::fs;
 use std::io::Write;
@@ -16,6 +16,8 @@ struct Service {
     dir: tempfile::TempDir,
     child: Option<Child>,
     runs: usize,
+    /// `RUST_LOG` of the runs.
+    rust_log: &'static str,
 }
 
 /// The micro test configuration; the extras are appended to `[serve]` and `[stream]`.
@@ -38,7 +40,7 @@ impl Service {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("incoming")).unwrap();
         fs::write(dir.path().join("config.toml"), config).unwrap();
-        Service { dir, child: None, runs: 0 }
+        Service { dir, child: None, runs: 0, rust_log: "info" }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -53,7 +55,7 @@ impl Service {
             .args(["--config", "config.toml", "serve"])
             .args(args)
             .current_dir(self.dir.path())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -384,4 +386,162 @@ fn serve_with_init_publishes_the_import_before_any_step_and_a_restart_resumes_fr
     let log = s.log();
     assert!(log.contains("resuming from") && log.contains("not imported again"), "{log}");
     assert!(s.path("exports/dinostream-step4.onnx").is_file(), "{log}");
+}
+
+/// Longer than `stream.settle_ms`: files dropped this long before a start are found by its scan
+/// (in sorted order), not reported one by one by the watcher.
+const SETTLED: Duration = Duration::from_millis(300);
+
+/// The step in the first log line `<prefix><step>` (e.g. "tile 3: trained at step ").
+fn step_after(log: &str, prefix: &str) -> Option<u64> {
+    let rest = &log[log.find(prefix)? + prefix.len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+#[test]
+fn between_arrivals_rehearsal_trains_replay_only_batches_and_a_new_tile_goes_in_within_two_batches() {
+    // 3 one-patch tiles and batches of 8: fewer patches than a batch still train.
+    let mut s = Service::new(&config("checkpoint_every_steps = 1000\n", 8, ""));
+    s.rust_log = "info,dinostream::service=debug";
+    for i in 0..3 {
+        drop_tile(&s.path("incoming"), &format!("a{i}.tif"), 500 + i);
+    }
+    std::thread::sleep(SETTLED);
+    s.start(&[]);
+    s.wait_until("replay-only steps", 60, |s| s.stat("replay_only_steps") >= 3);
+    let status = s.status();
+    assert_eq!(status["fresh_steps"], 1, "one batch held the 3 fresh patches: {status}");
+    assert_eq!((s.stat("tiles_trained"), s.stat("patch_queue")), (3, 0), "{status}");
+    let replayed = s.stat("replay_only_steps");
+    drop_tile(&s.path("incoming"), "new.tif", 600);
+    s.wait_until("the new tile trained", 60, |s| s.stat("tiles_trained") == 4);
+    let log = s.log();
+    let queued_line =
+        log.lines().rev().find(|l| l.contains("patch(es) queued at step")).expect("queued line");
+    let tile = queued_line.split("tile ").nth(1).and_then(|t| t.split(':').next()).expect("tile id");
+    let queued = step_after(queued_line, "queued at step ").expect("queued step");
+    let trained = step_after(&log, &format!("tile {tile}: trained at step ")).expect("trained step");
+    assert!(
+        trained <= queued + 2,
+        "queued at step {queued}, trained as fresh at step {trained}: more than two batches later\n{log}"
+    );
+    s.wait_until("rehearsal again", 60, |s| {
+        s.stat("fresh_steps") == 2 && s.stat("replay_only_steps") > replayed
+    });
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+#[test]
+fn with_rehearsal_off_fewer_patches_than_a_batch_train_once_and_the_service_idles() {
+    let mut s = Service::new(&config("checkpoint_every_steps = 1000\nrehearsal = \"off\"\n", 8, ""));
+    for i in 0..2 {
+        drop_tile(&s.path("incoming"), &format!("o{i}.tif"), 700 + i);
+    }
+    std::thread::sleep(SETTLED);
+    s.start(&[]);
+    s.wait_until("both tiles trained", 60, |s| s.stat("tiles_trained") == 2);
+    let steps = s.stat("step");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        (s.stat("step"), s.stat("fresh_steps"), s.stat("replay_only_steps")),
+        (steps, steps, 0),
+        "{}",
+        s.log()
+    );
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+#[test]
+fn the_rehearsal_cap_stops_replay_only_steps_until_more_patches_arrive() {
+    let cfg = config("checkpoint_every_steps = 1000\nmax_rehearsal_steps_per_patch = 2.0\n", 8, "");
+    let mut s = Service::new(&cfg);
+    for i in 0..2 {
+        drop_tile(&s.path("incoming"), &format!("c{i}.tif"), 800 + i);
+    }
+    std::thread::sleep(SETTLED);
+    s.start(&[]);
+    let idle = |s: &mut Service, replay_only: u64| {
+        s.wait_until("the capped replay-only steps", 60, |s| s.stat("replay_only_steps") >= replay_only);
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(s.stat("replay_only_steps"), replay_only, "2 per fresh patch\n{}", s.log());
+    };
+    idle(&mut s, 4);
+    drop_tile(&s.path("incoming"), "c2.tif", 802);
+    idle(&mut s, 6);
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+#[test]
+fn the_duty_cycle_pauses_between_steps_and_sigterm_still_stops_a_pausing_service() {
+    let cfg = config("checkpoint_every_steps = 1000\nduty_cycle = 0.25\n", 4, "")
+        .replace("status_every_steps = 1\n", "status_every_steps = 8\n");
+    let mut s = Service::new(&cfg);
+    drop_bigearthnet(&s.path("incoming"));
+    s.start(&[]);
+    s.wait_until("two status intervals", 120, |s| s.stat("step") >= 16);
+    let busy = s.status()["busy_fraction"].as_f64().unwrap();
+    assert!((busy - 0.25).abs() <= 0.025, "busy {busy} with serve.duty_cycle = 0.25\n{}", s.log());
+    let asked = Instant::now();
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+    assert!(asked.elapsed() < Duration::from_secs(20), "{:?} to stop\n{}", asked.elapsed(), s.log());
+}
+
+#[test]
+fn after_kill_9_during_rehearsal_a_resumed_run_ends_bit_identical_to_a_straight_one() {
+    kill_9_during_rehearsal_then_resume_matches_a_straight_run("");
+}
+
+#[test]
+fn with_min_redundancy_replacement_a_run_killed_during_rehearsal_also_resumes_bit_identically() {
+    // 22 patches through 12 slots: evictions by the teacher embeddings of the steps.
+    kill_9_during_rehearsal_then_resume_matches_a_straight_run(
+        "replay_policy = \"min-redundancy\"\nreplay_capacity_patches = 12\n",
+    );
+}
+
+/// A straight run and one killed during rehearsal (then resumed) with `stream_extra`, both to
+/// step 30: same weights, bit for bit.
+fn kill_9_during_rehearsal_then_resume_matches_a_straight_run(stream_extra: &str) {
+    // 22 patches in batches of 4: ten batches with fresh patches, then replay-only ones.
+    let cfg = config("checkpoint_every_steps = 3\ncheckpoint_every_secs = 3600\n", 4, stream_extra);
+    let runs: Vec<Service> = [false, true]
+        .into_iter()
+        .map(|kill| {
+            let mut s = Service::new(&cfg);
+            drop_bigearthnet(&s.path("incoming"));
+            for i in 0..4 {
+                drop_tile(&s.path("incoming"), &format!("t{i:02}.tif"), i);
+            }
+            std::thread::sleep(SETTLED);
+            if kill {
+                s.start(&[]);
+                s.wait_until("rehearsal past a checkpoint", 90, |s| {
+                    s.stat("replay_only_steps") >= 3 && s.stat("step") >= 13
+                });
+                s.signal("KILL");
+                s.wait_exit(10);
+            }
+            s.run_to_end(&["--max-steps", "30"]);
+            s
+        })
+        .collect();
+    let last = |s: &Service| s.checkpoints().last().cloned().expect("a checkpoint");
+    let (straight, resumed) = (last(&runs[0]), last(&runs[1]));
+    assert!(straight.ends_with("step-000000000030") && resumed.ends_with("step-000000000030"));
+    let from = step_after(&runs[1].log(), "(step ").unwrap_or_else(|| panic!("no resume\n{}", runs[1].log()));
+    assert!(from >= 11, "resumed from step {from}, before rehearsal began at step 11\n{}", runs[1].log());
+    for run in &runs {
+        assert_eq!((run.stat("fresh_steps"), run.stat("replay_only_steps")), (10, 20), "{}", run.log());
+    }
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (tensors(&straight.join(file)), tensors(&resumed.join(file)));
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert!(x == y, "{file}: {name} differs between the straight and the resumed run");
+        }
+    }
 }

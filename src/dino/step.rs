@@ -239,6 +239,21 @@ impl Trainer {
         self.step_with(&crops, settings)
     }
 
+    /// [`Trainer::step_batch_with`], also returning the teacher's cls embedding of each sample's
+    /// first global view as computed in this step (`[B][D]`, f32): what the `min-redundancy`
+    /// replay policy compares patches by.
+    pub fn step_batch_embedding(
+        &mut self,
+        batch: &Batch,
+        settings: &StepSettings,
+    ) -> anyhow::Result<(StepReport, Vec<Vec<f32>>)> {
+        let crops = self.upload(batch)?;
+        let gradients = self.gradients(&crops, settings)?;
+        let samples = crops[0].dim(0)?;
+        let cls = gradients.teacher.features.narrow(0, 0, samples)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok((self.apply(gradients, settings)?, cls))
+    }
+
     /// One step on crops already on the device (`[B, C, H, W]` each, globals first).
     pub fn step_crops(&mut self, crops: &[Tensor]) -> anyhow::Result<StepReport> {
         let settings = self.schedules.at(self.state.step);
@@ -464,6 +479,25 @@ pub(crate) mod tests {
         let moved = (after - before).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(moved > 0.0);
         assert_eq!(trainer.state().step, 2);
+    }
+
+    #[test]
+    fn a_step_that_returns_the_teacher_embeddings_trains_exactly_like_a_plain_step() {
+        let (mut plain, mut embedding) = (micro_trainer(), micro_trainer());
+        let batch = noise_batch(4);
+        let settings = plain.schedules().at(0);
+        let a = plain.step_batch_with(&batch, &settings).unwrap();
+        let (b, cls) = embedding.step_batch_embedding(&batch, &settings).unwrap();
+        assert_eq!(a, b);
+        let dim = plain.teacher_params().get("backbone.cls_token").unwrap().as_tensor().dim(2).unwrap();
+        assert_eq!((cls.len(), cls[0].len()), (2, dim), "one embedding per sample");
+        assert_ne!(cls[0], cls[1]);
+        let weights = |t: &Trainer| {
+            let var =
+                t.student_params().get("backbone.pos_embed").unwrap().as_tensor().flatten_all().unwrap();
+            var.to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(weights(&plain), weights(&embedding));
     }
 
     #[test]

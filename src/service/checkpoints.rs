@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Precision;
 use crate::dino::{Trainer, checkpoint};
 use crate::fsio;
-use crate::stream::MixerState;
+use crate::stream::{MixerExtra, MixerState};
 
 /// Folder (under the state folder) holding the checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -24,7 +24,9 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const SERVE_FILE: &str = "serve.bin";
 const PARTIAL_PREFIX: &str = ".partial-";
 const STEP_PREFIX: &str = "step-";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+/// `serve.bin` before [`MixerExtra`]: format 2 without its last field.
+const FORMAT_WITHOUT_BATCH_COUNTS: u32 = 1;
 
 /// Everything besides the trainer that a bit-exact resume needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,8 +101,8 @@ fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Resumed> {
     let trainer = checkpoint::load_with(dir, device, |setup| setup.train.precision = precision)?;
     let path = dir.join(SERVE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let state: ServeState = postcard::from_bytes(&bytes)
-        .with_context(|| format!("{}: not a dinostream service state", path.display()))?;
+    let state =
+        decode(&bytes).with_context(|| format!("{}: not a dinostream service state", path.display()))?;
     if state.format != FORMAT {
         anyhow::bail!("{}: format {} (this build reads {FORMAT})", path.display(), state.format);
     }
@@ -113,6 +115,19 @@ fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Resumed> {
         );
     }
     Ok(Resumed { trainer, state, dir: dir.to_path_buf() })
+}
+
+/// Read `serve.bin`. A format-1 file is a format-2 file without its last field (the mixer's
+/// [`MixerExtra`], the last field of the last field): it reads as one that ends with the default.
+fn decode(bytes: &[u8]) -> postcard::Result<ServeState> {
+    let (format, _) = postcard::take_from_bytes::<u32>(bytes)?;
+    if format != FORMAT_WITHOUT_BATCH_COUNTS {
+        return postcard::from_bytes(bytes);
+    }
+    let mut upgraded = bytes.to_vec();
+    upgraded.extend(postcard::to_stdvec(&MixerExtra::default())?);
+    let state: ServeState = postcard::from_bytes(&upgraded)?;
+    Ok(ServeState { format: FORMAT, ..state })
 }
 
 /// Complete checkpoint folders, oldest first.
@@ -189,6 +204,30 @@ mod tests {
         let resumed = load_newest(dir.path(), &Device::Cpu, Precision::F32).unwrap().unwrap();
         assert_eq!(resumed.state.step, 0);
         assert!(load_newest(&dir.path().join("nothing"), &Device::Cpu, Precision::F32).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_format_1_state_reads_with_the_default_mixer_extra() {
+        let mut mixer = Mixer::new(&StreamConfig::default(), 3);
+        let patch = crate::tile::Patch {
+            data: vec![0.25; 4],
+            bands: vec!["B04".into()],
+            height: 2,
+            width: 2,
+            source: "t.tif".into(),
+            window: crate::tile::Window { x: 0, y: 0, width: 2, height: 2 },
+            nodata_fraction: 0.0,
+        };
+        mixer.push_fresh(crate::stream::TileId(1), patch).unwrap();
+        let current = ServeState::new(5, 9, mixer.state());
+        let mut old =
+            postcard::to_stdvec(&ServeState { format: FORMAT_WITHOUT_BATCH_COUNTS, ..current.clone() })
+                .unwrap();
+        old.truncate(old.len() - postcard::to_stdvec(&MixerExtra::default()).unwrap().len());
+        assert_eq!(decode(&old).unwrap(), current);
+        let mut counted = current.clone();
+        counted.mixer.extra.batches = crate::stream::BatchCounts { fresh: 300, replay_only: 70_000 };
+        assert_eq!(decode(&postcard::to_stdvec(&counted).unwrap()).unwrap(), counted);
     }
 
     #[test]

@@ -15,6 +15,12 @@
 //!   enter the mixer in that order; a batch is only mixed when the fresh queue holds a whole batch
 //!   or nothing is being read, and sample ids come from a counter saved in the checkpoint. So a
 //!   run stopped and resumed trains bit for bit like one that went straight through.
+//! - **Rehearsal between arrivals** ([`rehearsal`]): with nothing being read and no fresh patch
+//!   waiting, replay-only batches keep the trainer busy (`serve.rehearsal`). They obey the rule
+//!   above, and whether one is allowed depends only on checkpointed counts, so resume stays exact.
+//!   A newly read patch enters one of the next two batches: at most one batch is ahead of the
+//!   trainer when it arrives. `serve.duty_cycle` pauses between steps (before mixing the next
+//!   batch); the loop keeps pumping ingest, the watchdog and the stop flag while it pauses.
 //! - **Checkpoints only between batches.** Up to [`PREFETCH_BATCHES`] batches are augmented ahead;
 //!   once a checkpoint (or the stop) is due no further batch is mixed, and the checkpoint is written
 //!   when the ones in flight are trained: the mixer state saved is exactly the trained state.
@@ -32,6 +38,7 @@ pub mod signal;
 pub mod status;
 pub mod systemd;
 pub mod publish;
+pub mod rehearsal;
 pub mod train;
 
 use std::collections::{HashSet, VecDeque};
@@ -50,6 +57,7 @@ use crate::stream::{self, Candidate, Identity, Ledger, Mixer, Observation, TileI
 use crate::tile::Patch;
 use checkpoints::ServeState;
 use ingest::{IngestWorker, Ingested, Job};
+use rehearsal::{DutyCycle, RehearsalPolicy};
 use schedule::ContinualSchedule;
 use signal::StopFlag;
 use status::Status;
@@ -61,6 +69,8 @@ pub const PREFETCH_BATCHES: usize = 2;
 const CANDIDATE_CAPACITY: usize = 1024;
 /// How long the owner sleeps when there is nothing to do (the watchdog is pinged in between).
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// The longest single sleep of a duty-cycle pause (the loop pumps and checks the stop flag between).
+const PAUSE_SLICE: Duration = Duration::from_millis(100);
 /// Mixed into `train.seed` for the mixer's RNG.
 const MIXER_SEED: u64 = 0x6d69_7865_7200;
 
@@ -96,7 +106,16 @@ fn guard_shutdown(stop: &StopFlag, limit: Duration) -> Result<()> {
 /// A batch being augmented, with the tiles whose last patch it holds.
 struct InFlight {
     completed: Vec<TileId>,
+    replay_only: bool,
+    /// The batch's number and replay keys (for the teacher embeddings of `min-redundancy`).
+    number: u64,
+    keys: Vec<u64>,
 }
+
+const _: () = assert!(
+    PREFETCH_BATCHES as u64 <= stream::replay::EMBEDDING_LAG_BATCHES,
+    "a batch is mixed only after the embeddings it waits for were recorded"
+);
 
 /// The owner thread's state.
 struct Service {
@@ -136,6 +155,8 @@ struct Service {
     probe: Vec<Arc<Patch>>,
     /// Step of the last published export.
     last_export: Option<u64>,
+    rehearsal: RehearsalPolicy,
+    duty: DutyCycle,
 }
 
 impl Service {
@@ -195,6 +216,8 @@ impl Service {
             reported_counts: None,
             probe: Vec::new(),
             last_export: None,
+            rehearsal: RehearsalPolicy::new(&cfg.serve),
+            duty: DutyCycle::new(cfg.serve.duty_cycle),
         };
         service.queue_pending()?;
         service.scan_folder()?;
@@ -275,6 +298,9 @@ impl Service {
         loop {
             self.pump()?;
             self.systemd.watchdog();
+            if self.pause() {
+                continue;
+            }
             while self.may_mix() && self.mix()? {}
             if !self.in_flight.is_empty() {
                 self.train_one()?;
@@ -290,6 +316,17 @@ impl Service {
             self.report_if_counts_changed();
             self.wait_for_input();
         }
+    }
+
+    /// Sleep a slice of the duty-cycle pause before the next step; false when none is due (or a
+    /// stop was requested: the remaining batches are trained without pauses).
+    fn pause(&self) -> bool {
+        if self.stop.is_requested() || self.in_flight.is_empty() && !self.may_mix() {
+            return false;
+        }
+        let Some(left) = self.duty.pause_left(Instant::now()) else { return false };
+        std::thread::sleep(left.min(PAUSE_SLICE));
+        true
     }
 
     fn stopping(&self) -> bool {
@@ -317,35 +354,55 @@ impl Service {
             || (self.ingesting == 0 && self.to_ingest.is_empty())
     }
 
-    /// Mix one batch and send its samples to the pool; false when the mixer has no batch yet.
+    /// Mix one batch (fresh patches first, else a replay-only one when rehearsal allows) and send
+    /// its samples to the pool; false when there is no batch to mix.
     fn mix(&mut self) -> Result<bool> {
-        let Some(batch) = self.mixer.next_batch(self.cfg.train.batch_size) else { return Ok(false) };
+        let batch_size = self.cfg.train.batch_size;
+        let mixer = &mut self.mixer;
+        let rehearse = self.rehearsal.allows(mixer.batch_counts(), mixer.fresh_patches());
+        let batch = mixer
+            .next_batch(batch_size)
+            .or_else(|| rehearse.then(|| mixer.next_replay_batch(batch_size)).flatten());
+        let Some(batch) = batch else { return Ok(false) };
+        let (replay_only, number, keys) = (batch.fresh == 0, batch.number, batch.keys);
         self.probe = batch.patches.iter().take(self.cfg.export.probe_patches).cloned().collect();
         for patch in batch.patches {
             let sample = Sample { id: self.next_sample_id, patch };
             self.next_sample_id += 1;
             self.samples.send(sample).context("the augmentation threads stopped")?;
         }
-        self.in_flight.push_back(InFlight { completed: self.mixer.take_completed() });
+        let completed = self.mixer.take_completed();
+        self.in_flight.push_back(InFlight { completed, replay_only, number, keys });
         Ok(true)
     }
 
     fn train_one(&mut self) -> Result<()> {
+        let started = Instant::now();
         let done = self.in_flight.pop_front().expect("run() checked that a batch is in flight");
         let batch = self.pool.recv().context("the augmentation threads stopped")?;
         let report = match batch {
             Ok(batch) => {
                 let settings = self.schedule.at(self.step());
-                Some(self.trainer.step_batch_with(&batch, &settings)?)
+                let report = if self.mixer.wants_embeddings() {
+                    let (report, cls) = self.trainer.step_batch_embedding(&batch, &settings)?;
+                    self.mixer.record_embeddings(done.number, &done.keys, cls);
+                    report
+                } else {
+                    self.trainer.step_batch_with(&batch, &settings)?
+                };
+                self.pool.recycle(batch);
+                Some(report)
             }
             Err(e) => {
                 log::warn!("a batch could not be augmented and is skipped: {e}");
                 None
             }
         };
+        self.duty.worked(started, Instant::now());
         let step = self.step();
         for tile in done.completed {
             if self.ledger.state(tile)? == &TileState::Pending {
+                log::debug!("tile {}: trained at step {step}", tile.0);
                 self.ledger.mark_trained(tile, step)?;
                 self.to_dispose.push(tile);
                 self.scheduled.remove(&tile);
@@ -503,6 +560,7 @@ impl Service {
                     let reason = "no usable patch: every window is over tile.max_nodata_fraction or the image is smaller than tile.patch_px";
                     self.reject(tile, reason)?;
                 } else {
+                    log::debug!("tile {}: {patches} patch(es) queued at step {}", tile.0, self.step());
                     self.mixer.finish_tile(tile);
                 }
             }
@@ -554,12 +612,15 @@ impl Service {
     fn report(&mut self) {
         let status = self.current_status();
         log::info!(
-            "step {} loss {:.4} lr {:.3e} momentum {:.5} {:.1} samples/s | queues fresh {} batches {} replay {} | tiles seen {} trained {} rejected {} pending {} | teacher entropy {} kl {} cls std {}",
+            "step {} loss {:.4} lr {:.3e} momentum {:.5} {:.1} samples/s busy {:.0}% | steps fresh {} replay-only {} | queues fresh {} batches {} replay {} | tiles seen {} trained {} rejected {} pending {} | teacher entropy {} kl {} cls std {}",
             status.step,
             status.loss,
             status.lr,
             status.momentum,
             status.samples_per_sec,
+            100.0 * status.busy_fraction,
+            status.fresh_steps,
+            status.replay_only_steps,
             status.patch_queue,
             status.batch_queue,
             status.replay_patches,
@@ -588,6 +649,10 @@ impl Service {
         let step = self.step();
         let secs = since.elapsed().as_secs_f64().max(1e-9);
         let samples_per_sec = (step - first) as f64 * self.cfg.train.batch_size as f64 / secs;
+        let busy_fraction = (self.duty.take_busy().as_secs_f64() / secs).min(1.0);
+        let mixed = self.mixer.batch_counts();
+        let replay_in_flight = self.in_flight.iter().filter(|b| b.replay_only).count() as u64;
+        let fresh_in_flight = self.in_flight.len() as u64 - replay_in_flight;
         self.interval = (Instant::now(), step);
         let counts = self.ledger.counts();
         self.reported_counts = Some(counts);
@@ -599,6 +664,9 @@ impl Service {
             lr: report.map_or(0.0, |r| r.lr),
             momentum: report.map_or(0.0, |r| r.momentum),
             samples_per_sec,
+            busy_fraction,
+            fresh_steps: mixed.fresh - fresh_in_flight,
+            replay_only_steps: mixed.replay_only - replay_in_flight,
             patch_queue: self.mixer.fresh_len(),
             batch_queue: self.in_flight.len(),
             replay_patches: self.mixer.replay_len(),

@@ -25,6 +25,13 @@ pub struct Status {
     pub momentum: f64,
     /// Training samples per second over the last reporting interval.
     pub samples_per_sec: f64,
+    /// Share of the last reporting interval spent in training steps (held near
+    /// `serve.duty_cycle` while there is work; lower while idle).
+    pub busy_fraction: f64,
+    /// Steps whose batch held fresh patches (the rest replayed), since the first start.
+    pub fresh_steps: u64,
+    /// Steps on replay-only batches (rehearsal between arrivals), since the first start.
+    pub replay_only_steps: u64,
     /// Patches waiting for augmentation.
     pub patch_queue: usize,
     /// Ready batches waiting for the trainer.
@@ -107,7 +114,16 @@ mod tests {
     use std::io::Read;
 
     fn sample() -> Status {
-        Status { step: 42, loss: 7.5, tiles_rejected: 3, kl_teacher_student: Some(0.25), ..Status::default() }
+        Status {
+            step: 42,
+            loss: 7.5,
+            tiles_rejected: 3,
+            kl_teacher_student: Some(0.25),
+            fresh_steps: 5,
+            replay_only_steps: 37,
+            busy_fraction: 0.5,
+            ..Status::default()
+        }
     }
 
     #[test]
@@ -126,6 +142,10 @@ mod tests {
         let text = sample().prometheus();
         assert!(text.contains("dinostream_step 42\n"), "{text}");
         assert!(text.contains("dinostream_kl_teacher_student 0.25\n"));
+        assert!(
+            text.contains("dinostream_fresh_steps 5\n") && text.contains("dinostream_replay_only_steps 37\n")
+        );
+        assert!(text.contains("dinostream_busy_fraction 0.5\n"), "{text}");
         assert!(!text.contains("teacher_entropy_ratio"));
     }
 

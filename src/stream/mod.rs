@@ -3,15 +3,17 @@
 //! - [`watch`]: a [`Watcher`] turns the incoming folder into a deduplicated stream of complete
 //!   [`Candidate`]s (files and BigEarthNet patch folders).
 //! - [`ledger`]: the [`Ledger`] remembers every tile, its identity and its state across restarts.
-//! - [`replay`]: the [`Mixer`] builds each batch from fresh patches and a bounded replay buffer.
+//! - [`replay`]: the [`Mixer`] builds each batch from fresh patches and a bounded replay buffer;
+//!   [`redundancy`]: the teacher embeddings its `min-redundancy` policy evicts by.
 //! - [`dispose_trained`] / [`dispose_rejected`]: what happens to a file once it was handled.
 
 pub mod ledger;
+pub mod redundancy;
 pub mod replay;
 pub mod watch;
 
 pub use ledger::{Counts, Identity, Ledger, LedgerError, Observation, TileId, TileState};
-pub use replay::{MixedBatch, Mixer, MixerState, Pushed};
+pub use replay::{BatchCounts, Embedded, MixedBatch, Mixer, MixerExtra, MixerState, Pushed};
 pub use watch::{Candidate, CandidateKind, WatchError, Watcher};
 
 use std::io;
