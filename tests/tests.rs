@@ -13,3 +13,4 @@ mod stream;
 mod dino;
 mod export;
 mod serve;
+mod reliability;
