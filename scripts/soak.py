@@ -20,6 +20,7 @@ the service's peak RSS.
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import random
@@ -39,12 +40,26 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def content_hash(path):
+    h = hashlib.sha1()
+    for f in sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]:
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
 def good_tiles():
-    """Real tiles: EuroSAT-MS files and BigEarthNet folders, bundled and (if present) shared."""
-    found = []
+    """Real tiles: EuroSAT-MS files and BigEarthNet folders, bundled and (if present) shared, each
+    content once (the bundled tiles are copies of shared ones)."""
+    found, seen = [], set()
     for base in [os.path.join(ROOT, "tests/data"), os.path.join(ROOT, "../shared/data")]:
-        found += sorted(glob.glob(os.path.join(base, "eurosat-ms/*/*.tif")))
-        found += sorted(p for p in glob.glob(os.path.join(base, "bigearthnet-s2/*")) if os.path.isdir(p))
+        paths = sorted(glob.glob(os.path.join(base, "eurosat-ms/*/*.tif")))
+        paths += sorted(p for p in glob.glob(os.path.join(base, "bigearthnet-s2/*")) if os.path.isdir(p))
+        for p in paths:
+            digest = content_hash(p)
+            if digest not in seen:
+                seen.add(digest)
+                found.append(p)
     return found
 
 
@@ -98,6 +113,8 @@ def config(work, ort):
               if ort else "[export]\nenabled = false\n")
     return f"""[tile]
 layout = "eurosat13"
+patch_px = 64
+stride_px = 64
 [augment]
 local_crops = 2
 workers = 1
@@ -112,6 +129,7 @@ settle_ms = 200
 rescan_secs = 2
 handled = "move"
 rejected = "move"
+replay_capacity_patches = 64
 [serve]
 state_dir = "{work}/state"
 exports_dir = "{work}/exports"
@@ -255,6 +273,7 @@ class Soak:
             part = os.path.join(self.incoming, "." + name + ".part")
             if os.path.isdir(src):
                 shutil.copytree(src, part)
+                os.chmod(part, 0o755)  # the data set's folders are read-only; moving a folder needs write
             else:
                 shutil.copy(src, part)
             os.rename(part, os.path.join(self.incoming, name))
@@ -282,7 +301,11 @@ class Soak:
             os.symlink(path, other)
             self.hostile.append((os.path.basename(other), "loop"))
         elif kind == "unreadable":
-            shutil.copy(self.pool.pop(), path)
+            files = [p for p in self.pool if os.path.isfile(p)]
+            if not files:
+                return
+            self.pool.remove(files[0])
+            shutil.copy(files[0], path)
             os.chmod(path, 0)
         elif kind == "duplicate":
             if not self.earlier:
@@ -301,6 +324,7 @@ class Soak:
             path = os.path.join(self.incoming, name)
             part = os.path.join(self.incoming, "." + name + ".part")
             shutil.copytree(folders[0], part)
+            os.chmod(part, 0o755)
             band = next(f for f in os.listdir(part) if f.endswith("_B02.tif"))
             os.remove(os.path.join(part, band))
             os.mkfifo(os.path.join(part, band))
@@ -406,7 +430,7 @@ class Soak:
         load = open("/proc/loadavg").read().split()[:3]
         lines = [
             f"soak: {self.args.cycles} cycles in {(time.time() - started) / 60:.1f} min, seed {self.args.seed}, "
-            f"load average {' '.join(load)}, micro preset, batch 8, release build",
+            f"load average {' '.join(load)}, micro preset, batch 8, {os.path.relpath(self.args.bin, ROOT)}",
             f"service lifetimes: {self.run_no} (kill -9 at random moments {self.counts['kill9']}, at a checkpoint's "
             f".partial {self.counts['kill9_checkpoint']}, at an export's .onnx.tmp {self.counts['kill9_export']}, "
             f"SIGTERM {self.counts['term']}); state disk filled {self.counts['state_full']}x, exports disk filled "
@@ -433,6 +457,9 @@ class Soak:
         return ok
 
     def cleanup(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         for s in self.sockets:
             s.close()
         if self.tmpfs:
@@ -449,7 +476,7 @@ def main():
     p.add_argument("--cycles", type=int, default=50)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bin", default=os.path.join(ROOT, "target/release/dinostream"))
-    p.add_argument("--state-size", default="24m")
+    p.add_argument("--state-size", default="64m")
     p.add_argument("--exports-size", default="4m")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = p.parse_args()
