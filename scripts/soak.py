@@ -8,7 +8,8 @@ the moment a checkpoint's `.partial` folder or an export's `.onnx.tmp` file exis
 tiles it drops FIFOs, sockets, symbolic links to devices, dangling links and link loops, mode-000
 files (the service runs without CAP_DAC_OVERRIDE, so root cannot read them either) and copies of
 tiles already dropped. The state and exports folders are small tmpfs mounts that are filled up
-(state: all but a little, so checkpoints fail; exports: completely) and freed again.
+(state: all but a little, so checkpoints fail; exports: completely) and freed again; the state disk
+is freed once per ten cycles while a service runs, which must then recover by itself.
 
 At the end the disks are freed, the service trains what is left and stops with SIGTERM, and the
 script prints: tiles dropped / trained / rejected with a reason, lost (must be 0), trained twice as
@@ -24,12 +25,14 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +142,7 @@ freeze_last_layer_steps = 1
 checkpoint_every_steps = 5
 checkpoint_every_secs = 6
 keep_checkpoints = 2
-pause_after_unsaved_steps = 30
+pause_after_unsaved_steps = 8
 status_every_steps = 5
 graceful_shutdown_limit_secs = {GRACEFUL_SECS}
 {export}"""
@@ -352,8 +355,6 @@ class Soak:
         if phase == 3:
             fill(self.state, 512 << 10)  # the ledger and status.json still fit, a checkpoint does not
             self.counts["state_full"] += 1
-        elif phase == 5:
-            unfill(self.state)
         elif phase == 7:
             fill(self.exports, 0)
             self.counts["exports_full"] += 1
@@ -364,6 +365,14 @@ class Soak:
         self.earlier = len(self.good)
         self.disks(i)
         if not self.start():
+            return
+        if self.tmpfs and i % 10 == 4:
+            # space comes back while this lifetime runs: it must recover by itself, then stop cleanly
+            threading.Timer(self.rng.uniform(8, 12), unfill, [self.state]).start()
+            self.drop_good(16)
+            self.counts["term"] += 1
+            if self.alive_for(25):
+                self.term()
             return
         self.drop_good(self.rng.randint(3, 8))
         for _ in range(self.rng.randint(0, 3)):
@@ -424,6 +433,19 @@ class Soak:
         leftovers += [p for d in (self.state, self.exports) for p in glob.glob(os.path.join(d, ".*.tmp.*"))]
         leftovers += glob.glob(os.path.join(self.exports, "*.onnx.tmp"))
         status = self.status()
+        logs = ""
+        for path in sorted(glob.glob(os.path.join(self.work, "log-*.txt"))):
+            with open(path, errors="replace") as f:
+                logs += f.read()
+        seen = {what: len(re.findall(pattern, logs)) for what, pattern in [
+            ("failed checkpoints", r"checkpoint of step \d+ failed"),
+            ("recoveries", r"the service is healthy again"),
+            ("training paused", r"training paused:"),
+            ("exports not published", r"not published:"),
+            ("start-ups that swept leftovers", r"an interrupted run left behind"),
+            ("resumes", r"resuming from"),
+            ("panics", r"panicked"),
+        ]}
         kinds = {}
         for _, k in self.hostile:
             kinds[k] = kinds.get(k, 0) + 1
@@ -448,8 +470,8 @@ class Soak:
             f"exits other than by signal:     {self.counts['bad_exits']}",
             f"leftover partial/temp files:    {len(leftovers)} {leftovers[:5]}",
             f"peak RSS:                       {self.peak_rss_kb / 1024:.0f} MiB",
-            f"final step {status.get('step')}, checkpoint failures now {status.get('checkpoint_failures')}, "
-            f"files refused (no ledger entry) {status.get('files_refused')}",
+            f"final step {status.get('step')}, checkpoint failures now {status.get('checkpoint_failures')}",
+            "in the logs: " + ", ".join(f"{k} {v}" for k, v in seen.items()),
         ]
         print("\n".join(lines), flush=True)
         ok = not lost and not twice and not without and not good_rejected and not leftovers \

@@ -23,7 +23,10 @@
 //!   ([`Ledger::requeue_trained_after`]). `stream.handled = move/delete` is applied only once a
 //!   checkpoint covers the tile.
 //! - **Bad tiles never stop the loop**: one `warn!` line, a ledger entry with the reason,
-//!   `stream.rejected` applied, the rejected counter in status.
+//!   `stream.rejected` applied, the rejected counter in status. Paths that cannot be read and
+//!   copies of known content are rejected the same way without a ledger entry ([`intake`]).
+//! - **A failing state disk degrades the service, it does not end it** ([`health`]): failed
+//!   checkpoints are retried with backoff and reported; training pauses when too much is unsaved.
 
 pub mod checkpoints;
 pub mod health;
