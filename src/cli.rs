@@ -509,11 +509,19 @@ fn expand_inputs(path: &Path, failed: &mut usize) -> Vec<tile::Input> {
         Err(tile::TileError::NotAnInput { .. }) if path.is_dir() => tile::list_inputs(path),
         other => other.map(|i| vec![i]),
     };
-    found.unwrap_or_else(|err| {
+    let found = found.unwrap_or_else(|err| {
         *failed += 1;
         eprintln!("{err}");
         Vec::new()
-    })
+    });
+    if found.is_empty() && path.is_dir() {
+        *failed += 1;
+        eprintln!(
+            "{}: a folder holding no TIFF files (*.tif, *.tiff) and no BigEarthNet patch folders",
+            path.display()
+        );
+    }
+    found
 }
 
 /// Human-readable `inspect` output for one input.
@@ -535,10 +543,14 @@ fn render_info(info: &tile::InputInfo) -> String {
     if !info.labels.is_empty() {
         s += &format!("  labels       {}\n", info.labels.join("; "));
     }
-    s += "  band  size       min      mean     max   (reflectance)\n";
+    if let Some(note) = &info.band_names_note {
+        s += &format!("  band names   by index: {note}\n");
+    }
+    let width = info.bands.iter().map(|b| b.name.len()).max().unwrap_or(0).max(5);
+    s += &format!("  {:<width$} size       min      mean     max   (reflectance)\n", "band");
     for b in &info.bands {
         let size = format!("{}x{}", b.width, b.height);
-        s += &format!("  {:<5} {size:<9} {:8.4} {:8.4} {:8.4}\n", b.name, b.min, b.mean, b.max);
+        s += &format!("  {:<width$} {size:<9} {:8.4} {:8.4} {:8.4}\n", b.name, b.min, b.mean, b.max);
     }
     s
 }

@@ -459,6 +459,10 @@ pub struct ServeConfig {
     pub checkpoint_every_secs: u64,
     /// Checkpoints kept; older ones are deleted once a new one is complete.
     pub keep_checkpoints: usize,
+    /// While checkpoints fail (state disk full or read-only), training pauses once this many steps
+    /// were trained since the last durable checkpoint, so that work that cannot be saved does not
+    /// pile up; it resumes by itself once a checkpoint is written again.
+    pub pause_after_unsaved_steps: u64,
     /// After SIGTERM/SIGINT, finish the step, checkpoint and exit within this many seconds; past
     /// it the process exits with status 1 and an error line.
     pub graceful_shutdown_limit_secs: u64,
@@ -495,6 +499,7 @@ impl Default for ServeConfig {
             checkpoint_every_steps: 500,
             checkpoint_every_secs: 600,
             keep_checkpoints: 3,
+            pause_after_unsaved_steps: 1000,
             graceful_shutdown_limit_secs: 30,
             status_every_steps: 10,
             metrics_port: None,
@@ -826,6 +831,7 @@ impl ServeConfig {
         }
         v.positive("serve.horizon_steps", self.horizon_steps as usize);
         v.positive("serve.keep_checkpoints", self.keep_checkpoints);
+        v.positive("serve.pause_after_unsaved_steps", self.pause_after_unsaved_steps as usize);
         v.positive("serve.graceful_shutdown_limit_secs", self.graceful_shutdown_limit_secs as usize);
         v.positive("serve.status_every_steps", self.status_every_steps as usize);
         if self.checkpoint_every_steps == 0 && self.checkpoint_every_secs == 0 {
@@ -1012,6 +1018,7 @@ mod tests {
             (cfg.rehearsal, cfg.max_rehearsal_steps_per_patch, cfg.duty_cycle),
             (Rehearsal::Continuous, None, 1.0)
         );
+        assert_eq!(cfg.pause_after_unsaved_steps, 1000);
     }
 
     #[test]
@@ -1029,6 +1036,12 @@ mod tests {
         let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["serve.max_rehearsal_steps_per_patch", "serve.duty_cycle"]);
         assert!(errors_of("[serve]\nduty_cycle = 1.5\n")[0].reason.contains("(0, 1]"));
+    }
+
+    #[test]
+    fn pause_after_unsaved_steps_must_be_positive() {
+        let errs = errors_of("[serve]\npause_after_unsaved_steps = 0\n");
+        assert_eq!(errs[0].key, "serve.pause_after_unsaved_steps");
     }
 
     #[test]

@@ -1,10 +1,92 @@
-//! Crash-safe file writes. A reader of `path` sees either the old content or the complete new
-//! content, never a partial file: write a sibling temp file, fsync it, rename it over `path`, fsync
-//! the directory. This is the only place in the crate that renames files.
+//! Crash-safe file writes and never-blocking input opens.
+//!
+//! Writes: a reader of `path` sees either the old content or the complete new content, never a
+//! partial file: write a sibling temp file, fsync it, rename it over `path`, fsync the directory.
+//! This is the only place in the crate that renames files.
+//!
+//! Reads of inputs ([`open_regular`]): only regular files are ever opened, and never with a
+//! blocking open, so a FIFO, socket or device dropped among the tiles cannot hang a thread.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+/// Open an input file for reading, refusing anything but a regular file without blocking on it.
+///
+/// The file type is checked first (following symbolic links, whose loops and dangling targets are
+/// refused), then the file is opened with `O_NONBLOCK` (a FIFO swapped in after the check cannot
+/// block the open) and checked again on the open descriptor. Refusals are
+/// [`io::ErrorKind::InvalidInput`] errors that say what the path is instead.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    if input_metadata(path)?.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "a folder, not a regular file"));
+    }
+    let file = open_nonblocking(path)?;
+    refuse_non_regular(&file.metadata()?)?;
+    Ok(file)
+}
+
+/// The metadata of an input (a regular file or a folder; symbolic links followed), refusing
+/// everything else as [`open_regular`] does.
+pub fn input_metadata(path: &Path) -> io::Result<fs::Metadata> {
+    let meta = fs::metadata(path).map_err(|e| not_openable(path, e))?;
+    if meta.is_dir() {
+        return Ok(meta);
+    }
+    refuse_non_regular(&meta)?;
+    Ok(meta)
+}
+
+/// What `meta` is, when it is not a regular file or a folder (`None` for those two).
+pub fn special_kind(meta: &fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_file() || t.is_dir() {
+        return None;
+    } else {
+        "not a regular file"
+    };
+    Some(kind)
+}
+
+fn refuse_non_regular(meta: &fs::Metadata) -> io::Result<()> {
+    let Some(kind) = special_kind(meta) else { return Ok(()) };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{kind}, not a regular file; only regular files are read"),
+    ))
+}
+
+/// A failed `stat`: dangling symbolic links and symbolic link loops say so (they are not "gone").
+fn not_openable(path: &Path, e: io::Error) -> io::Error {
+    const ELOOP: i32 = libc::ELOOP;
+    if e.raw_os_error() == Some(ELOOP) {
+        return io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a symbolic link loop; only regular files are read",
+        );
+    }
+    if e.kind() == io::ErrorKind::NotFound
+        && let Ok(target) = fs::read_link(path)
+    {
+        let msg = format!("a dangling symbolic link (to {}, which does not exist)", target.display());
+        return io::Error::new(io::ErrorKind::InvalidInput, msg);
+    }
+    e
+}
+
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
+}
 
 /// Write `bytes` to `path` atomically (see the module doc).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -58,6 +140,22 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Remove the temp files [`write_atomic`] writes in `dir` (`.<name>.tmp.<pid>`) that a killed
+/// process left behind; call it at start-up, before this process writes there. Returns how many.
+pub fn sweep_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with('.')
+            && name.rsplit_once(".tmp.").is_some_and(|(_, pid)| pid.bytes().all(|b| b.is_ascii_digit()));
+        if ours && entry.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// `dir/.name.tmp.<pid>`: hidden, so folder watchers and globbing consumers skip it.
 fn temp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -69,6 +167,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_regular_files_are_opened_and_the_rest_is_refused_with_what_it_is() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("tile.tif"), b"II*\0").unwrap();
+        symlink(d.join("tile.tif"), d.join("link.tif")).unwrap();
+        symlink(d.join("nowhere.tif"), d.join("dangling.tif")).unwrap();
+        symlink(d.join("loop-b.tif"), d.join("loop-a.tif")).unwrap();
+        symlink(d.join("loop-a.tif"), d.join("loop-b.tif")).unwrap();
+        symlink("/dev/urandom", d.join("device.tif")).unwrap();
+        let fifo = d.join("pipe.tif");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let _socket = std::os::unix::net::UnixListener::bind(d.join("socket.tif")).unwrap();
+        assert!(open_regular(&d.join("tile.tif")).is_ok());
+        assert!(open_regular(&d.join("link.tif")).is_ok(), "a link to a regular file is read");
+        for (name, says) in [
+            ("pipe.tif", "FIFO"),
+            ("socket.tif", "socket"),
+            ("device.tif", "character device"),
+            ("dangling.tif", "dangling symbolic link"),
+            ("loop-a.tif", "symbolic link loop"),
+            ("", "a folder"),
+        ] {
+            let err = open_regular(&d.join(name)).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{name}: {err}");
+            assert!(err.to_string().contains(says), "{name}: {err}");
+        }
+        assert_eq!(open_regular(&d.join("gone.tif")).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
     fn write_atomic_replaces_content_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("status.json");
@@ -77,6 +206,16 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"new content");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "left behind: {names:?}");
+    }
+
+    #[test]
+    fn stale_temp_files_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".status.json.tmp.123", "status.json", ".hidden", "x.tmp.12"] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(sweep_temp_files(dir.path()), 1);
+        assert!(!dir.path().join(".status.json.tmp.123").exists() && dir.path().join(".hidden").exists());
     }
 
     #[test]

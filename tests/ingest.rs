@@ -29,7 +29,7 @@ fn all_bands_cfg() -> TileConfig {
     TileConfig { bands: parse_layout("eurosat13").unwrap(), ..eurosat_cfg() }
 }
 
-fn patches(path: &Path, cfg: &TileConfig) -> Result<Vec<Patch>, TileError> {
+pub(crate) fn patches(path: &Path, cfg: &TileConfig) -> Result<Vec<Patch>, TileError> {
     tile::read_patches(&Input::detect(path)?, cfg)
 }
 
@@ -171,15 +171,22 @@ fn inspect_walks_folders_and_names_both_bigearthnet_versions() {
     assert_eq!(formats, ["bigearthnet-v2", "bigearthnet-v1"]);
 }
 
+/// Issue #12, item 14: `inspect` is where a user learns what a file holds, so a file the layout
+/// cannot name is still described, its bands by index, with the layout that would name them.
 #[test]
-fn eurosat_without_layout_suggests_eurosat13() {
+fn eurosat_without_layout_shows_bands_by_index_and_suggests_eurosat13() {
     let out = run_in(&root(), &["inspect", eurosat(EUROSAT[0]).to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
     assert!(
-        err.contains("13 bands but layout `bigearthnet10` has 10") && err.contains("--layout eurosat13"),
-        "{err}"
+        text.contains("13 bands but layout `bigearthnet10` has 10") && text.contains("--layout eurosat13"),
+        "{text}"
     );
+    assert!(text.contains("\n  #1 ") && text.contains("\n  #13 "), "{text}");
+    let json = run_in(&root(), &["inspect", "--json", eurosat(EUROSAT[0]).to_str().unwrap()]);
+    let info = &json_lines(&json)[0];
+    assert_eq!(info["bands"].as_array().unwrap().len(), 13);
+    assert!(info["bands"][12]["mean"].as_f64().unwrap() > 0.0, "{info}");
 }
 
 // ---------------------------------------------------------------- patches from real data
@@ -467,7 +474,7 @@ fn bomb() -> Vec<u8> {
 }
 
 /// Rewrite the inline LONG/SHORT value of `tag` in the first IFD of a little-endian file.
-fn patch_tag(bytes: &mut [u8], tag: u16, value: u32) {
+pub(crate) fn patch_tag(bytes: &mut [u8], tag: u16, value: u32) {
     let ifd = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
     let n = u16::from_le_bytes([bytes[ifd], bytes[ifd + 1]]) as usize;
     for i in 0..n {

@@ -12,7 +12,7 @@ use crate::tiff_writer::{TiffSpec, tiff_bytes};
 use crate::util;
 
 /// A service folder: `incoming/`, `state/`, `config.toml` and the service's log.
-struct Service {
+pub(crate) struct Service {
     dir: tempfile::TempDir,
     child: Option<Child>,
     runs: usize,
@@ -21,7 +21,7 @@ struct Service {
 }
 
 /// The micro test configuration; the extras are appended to `[serve]` and `[stream]`.
-fn config(serve_extra: &str, batch_size: usize, stream_extra: &str) -> String {
+pub(crate) fn config(serve_extra: &str, batch_size: usize, stream_extra: &str) -> String {
     format!(
         "[tile]\npatch_px = 32\nstride_px = 32\n\
          [augment]\nglobal_px = 32\nlocal_px = 16\nlocal_crops = 2\nworkers = 1\n\
@@ -36,22 +36,35 @@ fn config(serve_extra: &str, batch_size: usize, stream_extra: &str) -> String {
 }
 
 impl Service {
-    fn new(config: &str) -> Service {
+    pub(crate) fn new(config: &str) -> Service {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("incoming")).unwrap();
         fs::write(dir.path().join("config.toml"), config).unwrap();
         Service { dir, child: None, runs: 0, rust_log: "info" }
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
     /// Start `dinostream serve` with `args`; its stderr goes to `log-<n>.txt`.
-    fn start(&mut self, args: &[&str]) {
+    pub(crate) fn start(&mut self, args: &[&str]) {
+        self.start_wrapped(&[], args);
+    }
+
+    /// [`Service::start`] under `wrapper` (a command that runs the rest of its arguments).
+    pub(crate) fn start_wrapped(&mut self, wrapper: &[&str], args: &[&str]) {
         self.runs += 1;
         let log = fs::File::create(self.log_path(self.runs)).unwrap();
-        let child = Command::new(util::bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(util::bin());
+                c
+            }
+            None => Command::new(util::bin()),
+        };
+        let child = command
             .args(["--config", "config.toml", "serve"])
             .args(args)
             .current_dir(self.dir.path())
@@ -68,12 +81,12 @@ impl Service {
     }
 
     /// This run's log so far.
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(self.log_path(self.runs)).unwrap_or_default()
     }
 
     /// Wait until `cond` holds (checked every 50 ms); panics with the log after `secs`.
-    fn wait_until(&mut self, what: &str, secs: u64, mut cond: impl FnMut(&Service) -> bool) {
+    pub(crate) fn wait_until(&mut self, what: &str, secs: u64, mut cond: impl FnMut(&Service) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while !cond(self) {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
@@ -85,26 +98,26 @@ impl Service {
     }
 
     /// status.json as JSON (null when not written yet).
-    fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         fs::read(self.path("state/status.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(serde_json::Value::Null)
     }
 
-    fn stat(&self, key: &str) -> u64 {
+    pub(crate) fn stat(&self, key: &str) -> u64 {
         self.status()[key].as_u64().unwrap_or(0)
     }
 
     /// Send `signal` (TERM or KILL) to the running service.
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
         let ok = Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success();
         assert!(ok, "kill -{signal} {pid} failed");
     }
 
     /// Wait for the service to exit (at most `secs`).
-    fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self, secs: u64) -> ExitStatus {
         let child = self.child.as_mut().expect("running");
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
@@ -121,14 +134,14 @@ impl Service {
     }
 
     /// Run to completion (`--max-steps`) and assert exit 0.
-    fn run_to_end(&mut self, args: &[&str]) {
+    pub(crate) fn run_to_end(&mut self, args: &[&str]) {
         self.start(args);
         let status = self.wait_exit(90);
         assert!(status.success(), "exit {status}\n{}", self.log());
     }
 
     /// The checkpoint folders, oldest first.
-    fn checkpoints(&self) -> Vec<PathBuf> {
+    pub(crate) fn checkpoints(&self) -> Vec<PathBuf> {
         let mut all: Vec<PathBuf> = fs::read_dir(self.path("state/checkpoints"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -147,7 +160,7 @@ impl Drop for Service {
 }
 
 /// A 32x32 10-band u16 stacked TIFF of seeded noise (one 32 px patch).
-fn tile_bytes(seed: u64) -> Vec<u8> {
+pub(crate) fn tile_bytes(seed: u64) -> Vec<u8> {
     let spec = TiffSpec { width: 32, height: 32, bands: 10, rows_per_strip: 32, ..TiffSpec::default() };
     tiff_bytes(&spec, |b, y, x| {
         let h = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((b * 1024 + y * 32 + x) as u64))
@@ -157,14 +170,14 @@ fn tile_bytes(seed: u64) -> Vec<u8> {
 }
 
 /// Write tile `seed` as `<dir>/<name>` via a `.part` file and a rename (as a careful writer does).
-fn drop_tile(dir: &Path, name: &str, seed: u64) {
+pub(crate) fn drop_tile(dir: &Path, name: &str, seed: u64) {
     let part = dir.join(format!("{name}.part"));
     fs::write(&part, tile_bytes(seed)).unwrap();
     fs::rename(&part, dir.join(name)).unwrap();
 }
 
 /// The bundled real BigEarthNet patch folders copied into `dir` (9 patches of 32 px each).
-fn drop_bigearthnet(dir: &Path) {
+pub(crate) fn drop_bigearthnet(dir: &Path) {
     let root = util::data("bigearthnet-s2");
     for entry in fs::read_dir(&root).unwrap().flatten().filter(|e| e.path().is_dir()) {
         let to = dir.join(entry.file_name());

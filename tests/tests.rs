@@ -14,3 +14,4 @@ mod dino;
 mod export;
 mod serve;
 mod pretrained;
+mod reliability;

@@ -91,8 +91,8 @@ pub enum PublishError {
     /// ONNX Runtime could not load or run the export.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    /// A file operation in the export folder failed.
-    #[error("{}: {source}", path.display())]
+    /// A file operation in the export folder failed (the OS error is the source, printed once).
+    #[error("{}: cannot write", path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,
@@ -112,14 +112,8 @@ pub fn publish(
     probe: &Probe,
     keep: usize,
 ) -> Result<Published, PublishError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PublishError::Io { path, source }
-    };
-    fs::create_dir_all(dir).map_err(io(dir))?;
     let model = dir.join(format!("dinostream-step{step}.onnx"));
-    let tmp = dir.join(format!("dinostream-step{step}.onnx.tmp"));
-    write_synced(&tmp, onnx).map_err(io(&tmp))?;
+    let tmp = stage(dir, step, onnx)?;
     let check = match verify(runtime, &tmp, metadata, probe) {
         Ok(check) => check,
         Err(e) => {
@@ -127,15 +121,33 @@ pub fn publish(
             return Err(e);
         }
     };
-    fsio::rename_durable(&tmp, &model).map_err(io(&model))?;
+    fsio::rename_durable(&tmp, &model).map_err(io_err(&model))?;
     let latest = dir.join("latest.onnx");
-    fsio::write_atomic(&latest, onnx).map_err(io(&latest))?;
+    fsio::write_atomic(&latest, onnx).map_err(io_err(&latest))?;
     let mut published = Published { model, latest, metadata: metadata.clone(), check, removed: Vec::new() };
     let json_path = dir.join("latest.json");
     let json = serde_json::to_vec_pretty(&published).expect("plain data always serialises");
-    fsio::write_atomic(&json_path, &json).map_err(io(&json_path))?;
-    published.removed = prune(dir, keep.max(1)).map_err(io(dir))?;
+    fsio::write_atomic(&json_path, &json).map_err(io_err(&json_path))?;
+    published.removed = prune(dir, keep.max(1)).map_err(io_err(dir))?;
     Ok(published)
+}
+
+/// Write `onnx` to `<dir>/dinostream-step<step>.onnx.tmp` and fsync it; on failure (a full disk)
+/// nothing of it is left.
+fn stage(dir: &Path, step: u64, onnx: &[u8]) -> Result<PathBuf, PublishError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = dir.join(format!("dinostream-step{step}.onnx.tmp"));
+    if let Err(e) = write_synced(&tmp, onnx) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
+    Ok(tmp)
+}
+
+/// Turns an OS error on `path` into [`PublishError::Io`].
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError {
+    let path = path.to_path_buf();
+    move |source| PublishError::Io { path, source }
 }
 
 /// Write and fsync `path` (not yet visible under its final name).
@@ -185,6 +197,18 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     (dot / (na * nb).max(1e-30)) as f32
 }
 
+/// Remove the temp files a killed export left in `dir` (`*.onnx.tmp` and the atomic writes'
+/// temps); call it at start-up. Returns how many.
+pub fn sweep_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let stale = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".onnx.tmp"))
+        .filter(|e| fs::remove_file(e.path()).is_ok())
+        .count();
+    stale + fsio::sweep_temp_files(dir)
+}
+
 /// Remove all but the newest `keep` `dinostream-step<N>.onnx` files, and stale `.onnx.tmp` files a
 /// killed export left behind.
 fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
@@ -229,6 +253,30 @@ mod tests {
     fn compare_rejects_nan_and_length_mismatch() {
         assert!(!compare(&[f32::NAN, 1.0], &[1.0, 1.0], 1).passed);
         assert!(!compare(&[1.0], &[1.0, 1.0], 1).passed);
+    }
+
+    #[test]
+    fn a_full_disk_leaves_no_temp_file_and_names_the_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // writes to /dev/full fail with ENOSPC, as on a full exports disk
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("dinostream-step7.onnx.tmp")).unwrap();
+        let err = stage(dir.path(), 7, &[1u8; 4096]).unwrap_err();
+        assert!(fs::read_dir(dir.path()).unwrap().next().is_none(), "the temp file is removed");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches("No space left on device").count(), 1, "{chain}");
+        assert!(chain.contains("dinostream-step7.onnx.tmp"), "{chain}");
+    }
+
+    #[test]
+    fn stale_export_temps_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in
+            ["dinostream-step3.onnx.tmp", ".latest.onnx.tmp.77", "latest.onnx", "dinostream-step2.onnx"]
+        {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(sweep_temps(dir.path()), 2);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

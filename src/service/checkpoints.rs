@@ -70,17 +70,58 @@ pub fn save(state_dir: &Path, trainer: &Trainer, state: &ServeState, keep: usize
     let partial = root.join(format!("{PARTIAL_PREFIX}{name}"));
     let done = root.join(&name);
     remove_dir(&partial)?;
-    checkpoint::save(&partial, trainer)
+    if let Err(e) = write_complete(&partial, &done, trainer, state) {
+        // A failed write (disk full, read-only) must not leave a model's worth of bytes behind.
+        if let Err(cleanup) = remove_dir(&partial) {
+            log::warn!("{cleanup:#}");
+        }
+        return Err(e);
+    }
+    prune(&root, keep);
+    Ok(done)
+}
+
+/// Write the checkpoint into `partial`, then rename it to `done`.
+fn write_complete(partial: &Path, done: &Path, trainer: &Trainer, state: &ServeState) -> Result<()> {
+    checkpoint::save(partial, trainer)
         .with_context(|| format!("{}: writing the trainer", partial.display()))?;
     let bytes = postcard::to_stdvec(state).expect("the service state is plain data");
     let serve_file = partial.join(SERVE_FILE);
     fsio::write_atomic(&serve_file, &bytes)
         .with_context(|| format!("{}: cannot write", serve_file.display()))?;
-    remove_dir(&done)?;
-    fsio::rename_durable(&partial, &done)
-        .with_context(|| format!("{}: cannot rename into {}", partial.display(), done.display()))?;
-    prune(&root, keep);
-    Ok(done)
+    remove_dir(done)?;
+    fsio::rename_durable(partial, done)
+        .with_context(|| format!("{}: cannot rename into {}", partial.display(), done.display()))
+}
+
+/// Remove what a killed process can leave behind: partial checkpoints, the temp files of atomic
+/// writes in the state folder, and export temp files. Call once at start-up.
+pub fn sweep_leftovers(state_dir: &Path, exports_dir: &Path) {
+    let partials = sweep_partials(state_dir);
+    let temps = fsio::sweep_temp_files(state_dir) + crate::export::publish::sweep_temps(exports_dir);
+    if partials + temps > 0 {
+        log::info!(
+            "removed {partials} partial checkpoint(s) and {temps} temp file(s) an interrupted run left behind"
+        );
+    }
+}
+
+/// Remove the `.partial-*` folders a process killed while checkpointing left behind (at start-up,
+/// before anything is written). Returns how many were removed; failures are logged.
+pub fn sweep_partials(state_dir: &Path) -> usize {
+    let root = dir(state_dir);
+    let Ok(entries) = std::fs::read_dir(&root) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+            continue;
+        }
+        match remove_dir(&entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => log::warn!("{e:#}"),
+        }
+    }
+    removed
 }
 
 /// The newest checkpoint that reads back completely, or `None` when there is none. The run goes
@@ -228,6 +269,21 @@ mod tests {
         let mut counted = current.clone();
         counted.mixer.extra.batches = crate::stream::BatchCounts { fresh: 300, replay_only: 70_000 };
         assert_eq!(decode(&postcard::to_stdvec(&counted).unwrap()).unwrap(), counted);
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_partial_and_stale_partials_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = super::dir(dir.path());
+        std::fs::create_dir_all(root.join(".partial-step-000000000003")).unwrap();
+        std::fs::write(root.join(".partial-step-000000000003/model.safetensors"), b"half").unwrap();
+        assert_eq!(sweep_partials(dir.path()), 1);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        // a file where the finished folder goes: the save fails after every byte was written
+        std::fs::write(root.join("step-000000000000"), b"in the way").unwrap();
+        assert!(save(dir.path(), &micro_trainer(), &state(0), 2).is_err());
+        let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["step-000000000000"], "the partial checkpoint is removed");
     }
 
     #[test]

@@ -29,10 +29,15 @@
 //!   ([`Ledger::requeue_trained_after`]). `stream.handled = move/delete` is applied only once a
 //!   checkpoint covers the tile.
 //! - **Bad tiles never stop the loop**: one `warn!` line, a ledger entry with the reason,
-//!   `stream.rejected` applied, the rejected counter in status.
+//!   `stream.rejected` applied, the rejected counter in status. Paths that cannot be read and
+//!   copies of known content are rejected the same way without a ledger entry ([`intake`]).
+//! - **A failing state disk degrades the service, it does not end it** ([`health`]): failed
+//!   checkpoints are retried with backoff and reported; training pauses when too much is unsaved.
 
 pub mod checkpoints;
+pub mod health;
 pub mod ingest;
+pub mod intake;
 pub mod schedule;
 pub mod signal;
 pub mod status;
@@ -56,7 +61,9 @@ use crate::dino::{StepReport, Trainer, TrainerSetup};
 use crate::stream::{self, Candidate, Identity, Ledger, Mixer, Observation, TileId, TileState, Watcher};
 use crate::tile::Patch;
 use checkpoints::ServeState;
+use health::CheckpointHealth;
 use ingest::{IngestWorker, Ingested, Job};
+use intake::Untracked;
 use rehearsal::{DutyCycle, RehearsalPolicy};
 use schedule::ContinualSchedule;
 use signal::StopFlag;
@@ -144,6 +151,15 @@ struct Service {
     /// Trained tiles whose `stream.handled` waits for the next checkpoint.
     to_dispose: Vec<TileId>,
     last_checkpoint: Option<(u64, Instant)>,
+    /// When the last checkpoint was attempted (or the service started): `checkpoint_every_secs`
+    /// counts from here.
+    checkpoint_clock: Instant,
+    /// Whether checkpoints are being written (a failing state disk degrades the service).
+    health: CheckpointHealth,
+    /// Paths rejected without a ledger entry (unreadable, special files, duplicates).
+    untracked: Untracked,
+    /// The last status.json write failed (logged once until one succeeds).
+    status_unwritable: bool,
     status: Arc<Mutex<Status>>,
     last_report: Option<StepReport>,
     /// Collapse indicators of the last step that computed them (every `train.log_every_steps`).
@@ -165,6 +181,7 @@ impl Service {
         std::fs::create_dir_all(state_dir).with_context(|| {
             format!("{}: cannot create the state folder (serve.state_dir)", state_dir.display())
         })?;
+        checkpoints::sweep_leftovers(state_dir, &cfg.serve.exports_dir);
         let mut ledger = Ledger::open(state_dir, cfg.stream.ledger_compact_records)?;
         let device = crate::model::device(cfg.train.device)?;
         let (trainer, mixer, next_sample_id, step) = resume_or_begin(cfg, &device)?;
@@ -209,6 +226,10 @@ impl Service {
             watcher: None,
             to_dispose: Vec::new(),
             last_checkpoint: (step > 0).then(|| (step, Instant::now())),
+            checkpoint_clock: Instant::now(),
+            health: CheckpointHealth::default(),
+            untracked: Untracked::default(),
+            status_unwritable: false,
             status,
             last_report: None,
             last_collapse: None,
@@ -252,6 +273,8 @@ impl Service {
         std::fs::create_dir_all(&root).with_context(|| {
             format!("{}: cannot create the watched folder (stream.watch_dir)", root.display())
         })?;
+        // the watcher reports canonical paths: the same spelling keeps one file one path
+        let root = root.canonicalize().with_context(|| format!("{}: cannot resolve", root.display()))?;
         scan(&root, self.cfg.stream.recursive, settle, &mut found);
         found.sort();
         for path in found {
@@ -271,20 +294,54 @@ impl Service {
     fn observe(&mut self, path: &Path) -> Result<()> {
         let identity = match Identity::read(path) {
             Ok(identity) => identity,
-            Err(e) => {
+            Err(e) if intake::is_gone(&e) => {
                 log::debug!("{}: gone before it could be identified: {e}", path.display());
                 return Ok(());
             }
+            Err(e) => {
+                self.reject_untracked(path, &format!("cannot be read: {e}"));
+                return Ok(());
+            }
         };
+        self.untracked.forget(path);
+        let handled = self.cfg.stream.handled;
+        let duplicate = self
+            .ledger
+            .lookup(&identity)
+            .and_then(|(_, known, state)| intake::duplicate_reason(known, state, path, handled));
+        if let Some(reason) = duplicate {
+            self.reject_untracked(path, &reason);
+            return Ok(());
+        }
         match self.ledger.observe(&identity)? {
             Observation::New(id) | Observation::Known { id, state: TileState::Pending } => {
                 self.schedule_tile(id)
+            }
+            // Trained and saved, yet still here: the process was killed before `stream.handled`
+            // was applied after the checkpoint. Apply it now.
+            Observation::Known { id, state: TileState::Trained { step } } if step <= self.durable_step() => {
+                self.dispose_trained(id)
             }
             Observation::Known { id, state } => {
                 log::debug!("{}: already known as tile {} ({state:?})", path.display(), id.0)
             }
         }
         Ok(())
+    }
+
+    /// Reject a path that gets no ledger entry (unreadable, or a copy of a known tile): one
+    /// warning per path and reason, and `stream.rejected` applied.
+    fn reject_untracked(&mut self, path: &Path, reason: &str) {
+        if !self.untracked.note(path, reason) {
+            log::debug!("{}: still rejected: {reason}", path.display());
+            return;
+        }
+        log::warn!("{}: rejected: {reason}", path.display());
+        match stream::dispose_rejected(&self.cfg.stream, path, reason) {
+            Ok(stream::Disposition::Moved(_)) => self.untracked.forget(path),
+            Ok(_) => {}
+            Err(e) => log::warn!("{e}"),
+        }
     }
 
     fn schedule_tile(&mut self, id: TileId) {
@@ -298,10 +355,13 @@ impl Service {
         loop {
             self.pump()?;
             self.systemd.watchdog();
+            if self.pause_changed() {
+                self.report();
+            }
             if self.pause() {
                 continue;
             }
-            while self.may_mix() && self.mix()? {}
+            while !self.health.paused() && self.may_mix() && self.mix()? {}
             if !self.in_flight.is_empty() {
                 self.train_one()?;
                 continue;
@@ -427,6 +487,18 @@ impl Service {
         self.last_report = Some(report);
     }
 
+    /// Whether training pauses (checkpoints fail and too many steps are unsaved) changed.
+    fn pause_changed(&mut self) -> bool {
+        let was = self.health.paused();
+        let unsaved = self.step() - self.durable_step();
+        was != self.health.must_pause(unsaved, self.cfg.serve.pause_after_unsaved_steps)
+    }
+
+    /// The step of the last checkpoint written (0: none yet).
+    fn durable_step(&self) -> u64 {
+        self.last_checkpoint.map_or(0, |(step, _)| step)
+    }
+
     fn checkpoint_due(&self) -> bool {
         self.checkpoint_due_at(self.step())
     }
@@ -435,26 +507,38 @@ impl Service {
         if step == 0 && self.last_checkpoint.is_none() && self.cfg.model.init.is_some() {
             // A pretrained start is saved and published before its first step, once a patch has
             // arrived to probe the export with: a restart resumes from it, not from the file.
-            return self.mixer.fresh_len() > 0;
+            return self.mixer.fresh_len() > 0 && self.health.retry_due().unwrap_or(true);
         }
-        let (saved, at) = self.last_checkpoint.unwrap_or((0, self.interval.0));
+        let saved = self.durable_step();
         if step == saved {
             return false;
         }
+        if let Some(retry_due) = self.health.retry_due() {
+            return retry_due;
+        }
         let every = self.cfg.serve.checkpoint_every_steps;
-        let secs = self.cfg.serve.checkpoint_every_secs;
-        (every > 0 && step - saved >= every) || (secs > 0 && at.elapsed() >= Duration::from_secs(secs))
+        let secs = Duration::from_secs(self.cfg.serve.checkpoint_every_secs);
+        (every > 0 && step - saved >= every) || (!secs.is_zero() && self.checkpoint_clock.elapsed() >= secs)
     }
 
+    /// Write a checkpoint, export, then apply `stream.handled` to the tiles it covers. A failed
+    /// write degrades the service (see [`health`]) instead of ending it.
     fn checkpoint(&mut self) -> Result<()> {
-        self.ledger.sync()?;
+        self.checkpoint_clock = Instant::now();
         let state = ServeState::new(self.step(), self.next_sample_id, self.mixer.state());
-        let dir = checkpoints::save(
-            &self.cfg.serve.state_dir,
-            &self.trainer,
-            &state,
-            self.cfg.serve.keep_checkpoints,
-        )?;
+        let saved = self.ledger.sync().map_err(anyhow::Error::from).and_then(|()| {
+            let keep = self.cfg.serve.keep_checkpoints;
+            checkpoints::save(&self.cfg.serve.state_dir, &self.trainer, &state, keep)
+        });
+        let dir = match saved {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.health.failed(self.step(), self.durable_step(), &e);
+                self.report();
+                return Ok(());
+            }
+        };
+        self.health.succeeded(self.step());
         log::info!("checkpoint {}", dir.display());
         if self.export_due() {
             self.export(&dir);
@@ -611,33 +695,16 @@ impl Service {
     /// The periodic status line, status.json, STATUS= and the metrics endpoint.
     fn report(&mut self) {
         let status = self.current_status();
-        log::info!(
-            "step {} loss {:.4} lr {:.3e} momentum {:.5} {:.1} samples/s busy {:.0}% | steps fresh {} replay-only {} | queues fresh {} batches {} replay {} | tiles seen {} trained {} rejected {} pending {} | teacher entropy {} kl {} cls std {}",
-            status.step,
-            status.loss,
-            status.lr,
-            status.momentum,
-            status.samples_per_sec,
-            100.0 * status.busy_fraction,
-            status.fresh_steps,
-            status.replay_only_steps,
-            status.patch_queue,
-            status.batch_queue,
-            status.replay_patches,
-            status.tiles_seen,
-            status.tiles_trained,
-            status.tiles_rejected,
-            status.tiles_pending,
-            opt(status.teacher_entropy_ratio),
-            opt(status.kl_teacher_student),
-            opt(status.teacher_embedding_std_ratio),
-        );
-        self.systemd.status(&format!(
-            "step {}, loss {:.4}, {} tile(s) pending, {} fresh patch(es) queued",
-            status.step, status.loss, status.tiles_pending, status.patch_queue
-        ));
-        if let Err(e) = status.write_json(&self.cfg.serve.state_dir) {
-            log::warn!("{}: cannot write status.json: {e}", self.cfg.serve.state_dir.display());
+        log::info!("{}", status.line());
+        self.systemd.status(&status.systemd_line());
+        match status.write_json(&self.cfg.serve.state_dir) {
+            // once per failing spell: a full state disk would otherwise warn at every report
+            Err(e) if !self.status_unwritable => {
+                log::warn!("{}: cannot write status.json: {e}", self.cfg.serve.state_dir.display());
+                self.status_unwritable = true;
+            }
+            Err(_) => {}
+            Ok(()) => self.status_unwritable = false,
         }
         if let Ok(mut shared) = self.status.lock() {
             *shared = status;
@@ -660,7 +727,7 @@ impl Service {
         let collapse = self.last_collapse;
         Status {
             step,
-            loss: report.and_then(|r| r.loss).map_or(0.0, f64::from),
+            loss: report.and_then(|r| r.loss).map(f64::from),
             lr: report.map_or(0.0, |r| r.lr),
             momentum: report.map_or(0.0, |r| r.momentum),
             samples_per_sec,
@@ -678,6 +745,11 @@ impl Service {
             kl_teacher_student: collapse.map(|c| c.kl_teacher_student as f64),
             teacher_embedding_std_ratio: collapse
                 .map(|c| (c.teacher_cls_std / c.uniform_cls_std.max(1e-12)) as f64),
+            files_refused: self.untracked.refused(),
+            checkpoint_failures: u64::from(self.health.failures()),
+            checkpoint_error: self.health.error().map(str::to_string),
+            unsaved_steps: step - self.durable_step(),
+            training_paused: self.health.paused(),
             updated_unix_secs: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -698,6 +770,12 @@ impl Service {
         } else {
             Ok(())
         };
+        if self.health.failures() > 0 {
+            log::error!(
+                "the final checkpoint could not be written: the training since step {} is lost",
+                self.durable_step()
+            );
+        }
         self.report();
         log::info!("stopped at step {step}");
         outcome.and(result)
@@ -750,10 +828,6 @@ fn scan(dir: &Path, recursive: bool, settle: Duration, out: &mut Vec<PathBuf>) {
             out.push(path);
         }
     }
-}
-
-fn opt(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use serde::Serialize;
 pub struct Status {
     /// Optimizer steps done.
     pub step: u64,
-    /// Loss of the last step.
-    pub loss: f64,
+    /// The last loss read (null until the trainer read one: every `train.log_every_steps` steps).
+    pub loss: Option<f64>,
     /// Learning rate of the last step.
     pub lr: f64,
     /// Teacher EMA momentum of the last step.
@@ -52,6 +52,18 @@ pub struct Status {
     pub kl_teacher_student: Option<f64>,
     /// Std of the l2-normalised teacher cls embedding times sqrt(d) (about 1 when healthy, 0 collapsed).
     pub teacher_embedding_std_ratio: Option<f64>,
+    /// Files rejected without a ledger entry: unreadable ones, FIFOs, sockets, devices, broken
+    /// symbolic links, copies of known tiles (each path once per reason).
+    pub files_refused: u64,
+    /// Checkpoint attempts that failed since the last one written (0: healthy; more: degraded,
+    /// see `checkpoint_error`).
+    pub checkpoint_failures: u64,
+    /// Why the last checkpoint failed, while checkpoints fail.
+    pub checkpoint_error: Option<String>,
+    /// Steps trained since the last checkpoint written (lost if the process ends now).
+    pub unsaved_steps: u64,
+    /// Training is paused because checkpoints fail (`serve.pause_after_unsaved_steps`).
+    pub training_paused: bool,
     /// Unix time of this report, seconds.
     pub updated_unix_secs: u64,
 }
@@ -63,17 +75,71 @@ impl Status {
         crate::fsio::write_atomic(&dir.join("status.json"), &json)
     }
 
-    /// Prometheus text exposition format (every numeric field as a gauge; unset indicators omitted).
+    /// The periodic log line.
+    pub fn line(&self) -> String {
+        format!(
+            "step {} loss {} lr {:.3e} momentum {:.5} {:.1} samples/s busy {:.0}% | steps fresh {} replay-only {} | queues fresh {} batches {} replay {} | tiles seen {} trained {} rejected {} pending {} | teacher entropy {} kl {} cls std {}{}",
+            self.step,
+            shown(self.loss, 4),
+            self.lr,
+            self.momentum,
+            self.samples_per_sec,
+            100.0 * self.busy_fraction,
+            self.fresh_steps,
+            self.replay_only_steps,
+            self.patch_queue,
+            self.batch_queue,
+            self.replay_patches,
+            self.tiles_seen,
+            self.tiles_trained,
+            self.tiles_rejected,
+            self.tiles_pending,
+            shown(self.teacher_entropy_ratio, 3),
+            shown(self.kl_teacher_student, 3),
+            shown(self.teacher_embedding_std_ratio, 3),
+            self.degraded_note(),
+        )
+    }
+
+    /// The `STATUS=` line `systemctl status` shows.
+    pub fn systemd_line(&self) -> String {
+        format!(
+            "step {}, loss {}, {} tile(s) pending, {} fresh patch(es) queued{}",
+            self.step,
+            shown(self.loss, 4),
+            self.tiles_pending,
+            self.patch_queue,
+            self.degraded_note()
+        )
+    }
+
+    /// ` | DEGRADED: ...` while checkpoints fail, else nothing.
+    fn degraded_note(&self) -> String {
+        let Some(error) = &self.checkpoint_error else { return String::new() };
+        let paused = if self.training_paused { ", training paused" } else { "" };
+        format!(
+            " | DEGRADED: {} checkpoint attempt(s) failed, {} step(s) unsaved{paused}: {error}",
+            self.checkpoint_failures, self.unsaved_steps
+        )
+    }
+
+    /// Prometheus text exposition format (every numeric field as a gauge, booleans as 0/1; unset
+    /// values omitted).
     pub fn prometheus(&self) -> String {
         let value = serde_json::to_value(self).expect("Status serialises to JSON");
         let mut out = String::new();
         for (key, v) in value.as_object().expect("Status is a JSON object") {
-            if let Some(x) = v.as_f64() {
+            if let Some(x) = v.as_f64().or_else(|| v.as_bool().map(|b| f64::from(u8::from(b)))) {
                 out.push_str(&format!("# TYPE dinostream_{key} gauge\ndinostream_{key} {x}\n"));
             }
         }
         out
     }
+}
+
+/// `v` with `decimals`, or `-` when there is none yet.
+fn shown(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
 /// Serve `GET /metrics` on `127.0.0.1:port` from a background thread until the process exits.
@@ -116,7 +182,7 @@ mod tests {
     fn sample() -> Status {
         Status {
             step: 42,
-            loss: 7.5,
+            loss: Some(7.5),
             tiles_rejected: 3,
             kl_teacher_student: Some(0.25),
             fresh_steps: 5,
@@ -135,6 +201,40 @@ mod tests {
         assert_eq!(v["step"], 42);
         assert_eq!(v["tiles_rejected"], 3);
         assert!(v["teacher_entropy_ratio"].is_null());
+    }
+
+    #[test]
+    fn before_the_first_loss_is_read_no_loss_is_shown() {
+        let fresh = Status { step: 1, ..Status::default() };
+        let json = serde_json::to_value(&fresh).unwrap();
+        assert!(json["loss"].is_null(), "{json}");
+        assert!(fresh.line().starts_with("step 1 loss - "), "{}", fresh.line());
+        assert!(fresh.systemd_line().contains("loss -"), "{}", fresh.systemd_line());
+        assert!(!fresh.prometheus().contains("dinostream_loss"));
+    }
+
+    #[test]
+    fn a_degraded_service_says_so_in_every_report() {
+        let s = Status {
+            checkpoint_failures: 2,
+            checkpoint_error: Some("No space left on device".into()),
+            unsaved_steps: 40,
+            training_paused: true,
+            ..sample()
+        };
+        for line in [s.line(), s.systemd_line()] {
+            assert!(
+                line.contains("DEGRADED") && line.contains("No space left") && line.contains("paused"),
+                "{line}"
+            );
+        }
+        let text = s.prometheus();
+        assert!(
+            text.contains("dinostream_checkpoint_failures 2\n")
+                && text.contains("dinostream_training_paused 1\n"),
+            "{text}"
+        );
+        assert!(!sample().line().contains("DEGRADED"));
     }
 
     #[test]

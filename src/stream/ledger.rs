@@ -147,7 +147,7 @@ pub struct Ledger {
 impl Identity {
     /// Read the identity of a file or a BigEarthNet folder (its non-hidden files, by name).
     pub fn read(path: &Path) -> io::Result<Identity> {
-        let meta = fs::metadata(path)?;
+        let meta = fsio::input_metadata(path)?;
         let mut hasher = Xxh3::new();
         let (size, mtime_ns) = if meta.is_dir() {
             hash_folder(path, &mut hasher)?
@@ -180,7 +180,7 @@ fn hash_folder(dir: &Path, hasher: &mut Xxh3) -> io::Result<(u64, i128)> {
 }
 
 fn hash_file(path: &Path, len: u64, hasher: &mut Xxh3) -> io::Result<()> {
-    let mut file = File::open(path)?;
+    let mut file = fsio::open_regular(path)?;
     hasher.update(&len.to_le_bytes());
     let mut buf = vec![0u8; HASH_SPAN_BYTES.min(len) as usize];
     file.read_exact(&mut buf)?;
@@ -366,6 +366,13 @@ impl Ledger {
         let id = TileId(self.tiles.len() as u64);
         self.append(Record::Tile { id, identity: identity.into(), state: TileState::Pending })?;
         Ok(Observation::New(id))
+    }
+
+    /// The tile with the same content (size and hash) as `identity`, if any; records nothing.
+    pub fn lookup(&self, identity: &Identity) -> Option<(TileId, &Identity, &TileState)> {
+        let &id = self.by_content.get(&(identity.size, identity.hash))?;
+        let (known, state) = &self.tiles[id.0 as usize];
+        Some((id, known, state))
     }
 
     /// Record that tile `id` was trained at `step` (the first step is kept if it already was).

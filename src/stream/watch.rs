@@ -213,6 +213,8 @@ impl Loop {
 struct Signature {
     size: u64,
     mtime: Option<SystemTime>,
+    /// Status change time: a `chmod` that makes an unreadable file readable is a change too.
+    ctime_ns: i128,
     files: u64,
 }
 
@@ -262,6 +264,8 @@ struct Tracker {
     pending: HashMap<PathBuf, Pending>,
     reported: HashMap<PathBuf, Signature>,
     ready: VecDeque<Candidate>,
+    /// Folders that are neither patch folders nor empty, already warned about.
+    ignored_folders: std::collections::HashSet<PathBuf>,
     last_rescan: Instant,
     rescan_due: bool,
     trouble: Throttled,
@@ -279,6 +283,7 @@ impl Tracker {
             pending: HashMap::new(),
             reported: HashMap::new(),
             ready: VecDeque::new(),
+            ignored_folders: Default::default(),
             last_rescan: Instant::now(),
             rescan_due: false,
             trouble: Throttled { interval: rescan_every, last: None, count: 0, total: Arc::default() },
@@ -464,7 +469,7 @@ impl Tracker {
         let Some(p) = self.pending.remove(&path) else { return };
         let Some(sig) = p.sig else { return };
         if p.kind == CandidateKind::Folder && !is_patch_folder(&path) {
-            log::debug!("{}: a folder without band files (*_B02.tif ...); ignored", path.display());
+            self.note_ignored_folder(path, sig);
             return;
         }
         if let Some((unit, kind)) = self.unit_of(&path)
@@ -478,6 +483,22 @@ impl Tracker {
         if self.reported.insert(path.clone(), sig) != Some(sig) {
             log::debug!("{}: complete, handing it to ingest", path.display());
             self.ready.push_back(Candidate { path, kind: p.kind });
+        }
+    }
+}
+
+impl Tracker {
+    /// A folder without band files: said once at warn level (unless it is empty), then ignored.
+    fn note_ignored_folder(&mut self, path: PathBuf, sig: Signature) {
+        if sig.files == 0 {
+            log::debug!("{}: an empty folder; ignored until band files arrive", path.display());
+        } else if self.ignored_folders.insert(path.clone()) {
+            let hint =
+                if self.recursive { "" } else { "; set stream.recursive = true to train on the files in it" };
+            log::warn!(
+                "{}: a folder that is not a BigEarthNet patch folder (no *_B02.tif-style band files); ignored{hint}",
+                path.display()
+            );
         }
     }
 }
@@ -507,18 +528,30 @@ fn is_band_file_name(name: &str) -> bool {
 /// Size, mtime and file count of a file, or summed over a folder's files (`None` if gone).
 fn signature(path: &Path, kind: CandidateKind) -> Option<Signature> {
     if kind == CandidateKind::File {
-        let meta = std::fs::metadata(path).ok()?;
-        return Some(Signature { size: meta.len(), mtime: meta.modified().ok(), files: 1 });
+        // symlink_metadata: a dangling link is still something to report (and reject)
+        let meta = std::fs::metadata(path).or_else(|_| std::fs::symlink_metadata(path)).ok()?;
+        return Some(Signature {
+            size: meta.len(),
+            mtime: meta.modified().ok(),
+            ctime_ns: ctime_ns(&meta),
+            files: 1,
+        });
     }
-    let mut sig = Signature { size: 0, mtime: None, files: 0 };
+    let mut sig = Signature { size: 0, mtime: None, ctime_ns: 0, files: 0 };
     for entry in std::fs::read_dir(path).ok()?.flatten() {
         if let Ok(meta) = entry.metadata() {
             sig.size += meta.len();
             sig.mtime = sig.mtime.max(meta.modified().ok());
+            sig.ctime_ns = sig.ctime_ns.max(ctime_ns(&meta));
             sig.files += 1;
         }
     }
     Some(sig)
+}
+
+fn ctime_ns(meta: &std::fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec())
 }
 
 #[cfg(test)]

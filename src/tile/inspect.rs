@@ -35,6 +35,9 @@ pub struct InputInfo {
     pub labels: Vec<String>,
     /// Every band of the input, in file order.
     pub bands: Vec<BandInfo>,
+    /// Set when the bands could not be named (they are then named by index, `#1`, `#2 (GDAL
+    /// description)`, ...): why, and which `--layout` would name them.
+    pub band_names_note: Option<String>,
 }
 
 /// One band's size and reflectance statistics over its valid (not nodata) pixels.
@@ -97,7 +100,16 @@ pub fn inspect(input: &Input, cfg: &TileConfig) -> Result<InputInfo, TileError> 
 
 fn inspect_stacked(path: &Path, cfg: &TileConfig) -> Result<InputInfo, TileError> {
     let mut file = TiffFile::open(path, cfg)?;
-    let names = super::stacked::band_names(&file, &cfg.layout)?;
+    let (names, note) = match super::stacked::band_names(&file, &cfg.layout) {
+        Ok(names) => (names, None),
+        Err(TileError::BandCount { found, layout, expected, hint, .. }) => {
+            let note = format!(
+                "{found} bands but layout `{layout}` has {expected}; `--layout {hint}` would name them"
+            );
+            (names_by_index(&file), Some(note))
+        }
+        Err(e) => return Err(e),
+    };
     let (w, h) = (file.meta.width, file.meta.height);
     let all: Vec<usize> = (0..names.len()).collect();
     let step = file.meta.chunk.1.clamp(1, h);
@@ -112,7 +124,19 @@ fn inspect_stacked(path: &Path, cfg: &TileConfig) -> Result<InputInfo, TileError
         }
     }
     let bands = names.iter().zip(&acc).map(|(n, a)| a.finish(n, w, h)).collect();
-    Ok(describe(&file, "geotiff".into(), bands, Vec::new()))
+    let mut info = describe(&file, "geotiff".into(), bands, Vec::new());
+    info.band_names_note = note;
+    Ok(info)
+}
+
+/// `#1`, `#2 (B03)`, ...: each band's number, with its GDAL description when it has one.
+fn names_by_index(file: &TiffFile) -> Vec<String> {
+    (0..file.meta.samples)
+        .map(|i| match file.meta.descriptions.get(i).cloned().flatten() {
+            Some(d) => format!("#{} ({d})", i + 1),
+            None => format!("#{}", i + 1),
+        })
+        .collect()
 }
 
 fn inspect_folder(dir: &Path, cfg: &TileConfig) -> Result<InputInfo, TileError> {
@@ -151,5 +175,6 @@ fn describe(file: &TiffFile, format: String, bands: Vec<BandInfo>, labels: Vec<S
         nodata: m.nodata,
         labels,
         bands,
+        band_names_note: None,
     }
 }

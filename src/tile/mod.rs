@@ -22,6 +22,7 @@
 
 mod bands;
 mod bigearthnet;
+mod chunks;
 mod cut;
 mod error;
 mod inspect;
@@ -109,7 +110,7 @@ impl Input {
     /// Classify `path`: a folder with `*_Bxx.tif` files is a BigEarthNet folder, a file is a
     /// stacked TIFF (its header is checked when it is read).
     pub fn detect(path: &Path) -> Result<Input, TileError> {
-        let meta = std::fs::metadata(path).map_err(|e| TileError::io(path, e))?;
+        let meta = crate::fsio::input_metadata(path).map_err(|e| TileError::io(path, e))?;
         let kind = if !meta.is_dir() {
             InputKind::Stacked
         } else if bigearthnet::is_patch_folder(path) {

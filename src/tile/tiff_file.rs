@@ -15,6 +15,7 @@ use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
 use super::TileError;
+use super::chunks;
 use super::raw_strips::{RawStrips, StripLayout};
 use crate::config::TileConfig;
 
@@ -97,6 +98,8 @@ pub(crate) struct TiffMeta {
     pub tiled: bool,
     /// Strip or tile size (width, height).
     pub chunk: (usize, usize),
+    /// Bytes per sample.
+    pub sample_bytes: usize,
     /// GDAL band descriptions by sample index (empty when the file has none).
     pub descriptions: Vec<Option<String>>,
     pub nodata: Option<f64>,
@@ -123,28 +126,76 @@ impl TiffFile {
     /// Open `path`, check its header and its declared size against `cfg`'s limits.
     pub fn open(path: &Path, cfg: &TileConfig) -> Result<TiffFile, TileError> {
         let mut reader = open_checked(path)?;
-        if let Some((w, h, spp)) = peek_dimensions(&mut reader) {
-            check_limits(path, w, h, spp, cfg)?;
+        let peeked = peek_dimensions(&mut reader);
+        if let Some(p) = &peeked {
+            check_limits(path, p.width, p.height, p.samples, cfg)?;
         }
+        let file_len = reader.seek(SeekFrom::End(0)).map_err(|e| TileError::io(path, e))?;
         reader.seek(SeekFrom::Start(0)).map_err(|e| TileError::io(path, e))?;
         let mut limits = Limits::default();
         limits.decoding_buffer_size = MAX_CHUNK_BYTES;
         limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
         let mut decoder = guard(path, || Decoder::new(reader))?.with_limits(limits);
         let (meta, compression_code) = read_meta(path, &mut decoder, cfg)?;
-        let raw = match compression_code == 1 && raw_candidate(&meta) {
-            true => detect_raw_strips(&mut decoder, &meta),
-            false => None,
-        };
-        Ok(TiffFile {
+        let mut file = TiffFile {
             path: path.to_path_buf(),
             meta,
             decoder,
             compression_code,
             cache: Vec::new(),
             chunk_ranges: None,
-            raw,
-        })
+            raw: None,
+        };
+        if let Some(p) = peeked {
+            file.check_chunks(file_len, p.reserved)?;
+        }
+        if compression_code == 1 && raw_candidate(&file.meta) {
+            file.raw = detect_raw_strips(&mut file.decoder, &file.meta);
+        }
+        Ok(file)
+    }
+
+    /// Every strip or tile must lie inside the file, clear of the header and the first IFD, and
+    /// (uncompressed) hold exactly its pixels' bytes: see [`chunks`].
+    fn check_chunks(&mut self, file_len: u64, reserved: [std::ops::Range<u64>; 2]) -> Result<(), TileError> {
+        self.load_chunk_ranges()?;
+        let (offsets, counts) = self.chunk_ranges.as_ref().expect("loaded just above");
+        let m = &self.meta;
+        let (cw, ch) = m.chunk;
+        let spp = if m.planar { 1 } else { m.samples };
+        let row_bytes = (cw * spp * m.sample_bytes) as u64;
+        let strips_per_plane = m.height.div_ceil(ch);
+        let raw_bytes = |i: usize| match m.tiled {
+            true => (row_bytes * ch as u64, row_bytes * ch as u64),
+            false => {
+                let rows = ch.min(m.height - (i % strips_per_plane) * ch);
+                (row_bytes * rows as u64, row_bytes * ch as u64)
+            }
+        };
+        let layout = chunks::ChunkLayout {
+            noun: if m.tiled { "tile" } else { "strip" },
+            offsets,
+            counts,
+            file_len,
+            reserved,
+            raw_bytes: (self.compression_code == 1).then_some(&raw_bytes as &dyn Fn(usize) -> (u64, u64)),
+        };
+        chunks::check(&self.path, &layout)
+    }
+
+    /// The offsets and byte counts of every chunk (read from the tags once).
+    fn load_chunk_ranges(&mut self) -> Result<(), TileError> {
+        if self.chunk_ranges.is_none() {
+            let (offsets, counts) = match self.meta.tiled {
+                true => (Tag::TileOffsets, Tag::TileByteCounts),
+                false => (Tag::StripOffsets, Tag::StripByteCounts),
+            };
+            let decoder = &mut self.decoder;
+            let offsets = guard(&self.path, || decoder.get_tag_u64_vec(offsets))?;
+            let counts = guard(&self.path, || decoder.get_tag_u64_vec(counts))?;
+            self.chunk_ranges = Some((offsets, counts));
+        }
+        Ok(())
     }
 
     /// Read every row through the `tiff` crate, as files without the fast path do (tests that
@@ -210,17 +261,8 @@ impl TiffFile {
 
     /// File offset and compressed length of chunk `index`.
     fn chunk_range(&mut self, index: u32) -> Result<Option<(u64, u64)>, TileError> {
-        if self.chunk_ranges.is_none() {
-            let (offsets, counts) = match self.meta.tiled {
-                true => (Tag::TileOffsets, Tag::TileByteCounts),
-                false => (Tag::StripOffsets, Tag::StripByteCounts),
-            };
-            let decoder = &mut self.decoder;
-            let offsets = guard(&self.path, || decoder.get_tag_u64_vec(offsets))?;
-            let counts = guard(&self.path, || decoder.get_tag_u64_vec(counts))?;
-            self.chunk_ranges = Some((offsets, counts));
-        }
-        let (offsets, counts) = self.chunk_ranges.as_ref().expect("filled just above");
+        self.load_chunk_ranges()?;
+        let (offsets, counts) = self.chunk_ranges.as_ref().expect("loaded just above");
         let i = index as usize;
         Ok(offsets.get(i).copied().zip(counts.get(i).copied()))
     }
@@ -426,7 +468,16 @@ fn check_inflated_size(
     reader.seek(SeekFrom::Start(offset)).map_err(|e| TileError::io(path, e))?;
     let compressed = reader.take(count);
     let mut inflated = flate2::read::ZlibDecoder::new(compressed).take(decoded_bytes + 1);
-    let total = std::io::copy(&mut inflated, &mut std::io::sink()).unwrap_or(0);
+    let total = std::io::copy(&mut inflated, &mut std::io::sink()).map_err(|e| TileError::Truncated {
+        path: path.to_path_buf(),
+        detail: format!("the deflate stream of chunk {index} is cut short or damaged ({e})"),
+    })?;
+    if total < decoded_bytes {
+        return Err(TileError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("chunk {index} inflates to {total} bytes, {decoded_bytes} expected"),
+        });
+    }
     if total > decoded_bytes {
         return Err(TileError::DecompressionBomb {
             path: path.to_path_buf(),
@@ -472,7 +523,7 @@ fn detect_raw_strips(d: &mut Decoder<FileReader>, meta: &TiffMeta) -> Option<Raw
 
 /// Open the file and reject empty and non-TIFF files before the decoder sees them.
 fn open_checked(path: &Path) -> Result<FileReader, TileError> {
-    let file = File::open(path).map_err(|e| TileError::io(path, e))?;
+    let file = crate::fsio::open_regular(path).map_err(|e| TileError::io(path, e))?;
     let len = file.metadata().map_err(|e| TileError::io(path, e))?.len();
     if len == 0 {
         return Err(TileError::Empty { path: path.to_path_buf() });
@@ -493,10 +544,19 @@ fn open_checked(path: &Path) -> Result<FileReader, TileError> {
     Ok(file)
 }
 
+/// What [`peek_dimensions`] reads from the first IFD without the decoder.
+struct Peeked {
+    width: usize,
+    height: usize,
+    samples: usize,
+    /// The header and the first IFD's bytes: no strip or tile may lie there.
+    reserved: [std::ops::Range<u64>; 2],
+}
+
 /// Width, height and samples per pixel from the first IFD, read without the decoder, so that an
 /// oversized image is refused before the decoder builds anything for it. `None` when the IFD
 /// cannot be read this way (the decoder then reports why).
-fn peek_dimensions(file: &mut FileReader) -> Option<(usize, usize, usize)> {
+fn peek_dimensions(file: &mut FileReader) -> Option<Peeked> {
     file.seek(SeekFrom::Start(0)).ok()?;
     let mut header = [0u8; 16];
     read_up_to(file, &mut header).ok()?;
@@ -517,7 +577,15 @@ fn peek_dimensions(file: &mut FileReader) -> Option<(usize, usize, usize)> {
     let (count_len, entry_len) = if big { (8, 20) } else { (2, 12) };
     let mut count = [0u8; 8];
     read_up_to(file, &mut count[..count_len]).ok()?;
-    let n = (u16_at(&count) as usize).min(4096);
+    let n = if big {
+        let (a, b) = (u64::from(u32_at(&count)), u64::from(u32_at(&count[4..])));
+        if le { a | (b << 32) } else { (a << 32) | b }
+    } else {
+        u64::from(u16_at(&count))
+    };
+    let ifd_len = count_len as u64 + n.saturating_mul(entry_len as u64) + if big { 8 } else { 4 };
+    let reserved = [0..if big { 16 } else { 8 }, ifd..ifd.saturating_add(ifd_len)];
+    let n = (n as usize).min(4096);
     let mut entries = vec![0u8; n * entry_len];
     read_up_to(file, &mut entries).ok()?;
     let (mut w, mut h, mut spp) = (None, None, 1usize);
@@ -534,7 +602,7 @@ fn peek_dimensions(file: &mut FileReader) -> Option<(usize, usize, usize)> {
             _ => {}
         }
     }
-    Some((w?, h?, spp))
+    Some(Peeked { width: w?, height: h?, samples: spp, reserved })
 }
 
 fn read_up_to(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -607,6 +675,7 @@ fn read_meta(
         planar,
         tiled,
         chunk,
+        sample_bytes,
         descriptions,
         nodata,
         georef,
