@@ -12,6 +12,10 @@
 //! the bicubic matrices that resize the positional embedding exactly like PyTorch
 //! ([`bicubic_grid`]).
 //!
+//! On the CPU, LayerNorm, softmax and GELU (both passes) run as fused, row-parallel loops with the
+//! composition's arithmetic, bit for bit (`cpu.rs`, through the `Fused` trait); other backends and inputs
+//! run the composition.
+//!
 //! Mixed precision (`matmul = BF16`, PyTorch's bf16 autocast): products run in bf16 and the
 //! activations between them stay bf16 (layer-norm outputs that feed a product, linear and
 //! attention outputs, GELU); the residual stream, normalisation statistics, softmax and all the
