@@ -1,12 +1,11 @@
 //! Multi-head self-attention's core as one autograd node, from the fused qkv projection to the
 //! heads' outputs side by side.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CustomOp1, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::cast;
 use super::matmul::{matmul_in, product_in};
-use super::norm::{SoftmaxLastDim, softmax_last_dim};
+use super::norm::{Softmax, softmax_backward};
+use super::{Fused, cast};
 
 /// `softmax(q k^T * scale) v` per head, from `qkv` `[B, N, 3 * H * d]` (DINO's
 /// `reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)`) to `[B, N, H * d]`, in `qkv`'s dtype. One
@@ -40,7 +39,7 @@ impl Attention {
 
     /// The forward pass at the storage level, on any backend. q, k and v are gathered into
     /// contiguous `[B, H, N, d]` copies in `matmul`'s dtype (freed on return).
-    fn forward<S: BackendStorage>(&self, (qkv, layout): (&S, &Layout)) -> Result<(S, Shape)> {
+    fn forward<S: Fused>(&self, (qkv, layout): (&S, &Layout)) -> Result<(S, Shape)> {
         if !layout.is_contiguous() {
             candle_core::bail!("attention: qkv must be contiguous");
         }
@@ -50,8 +49,8 @@ impl Attention {
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let per_head = Layout::contiguous((b, h, n, d));
         let (logits, square) = product_in((&q, &per_head), (&k, &per_head.transpose(2, 3)?), self.matmul)?;
-        let scaled = cast(logits, &square, DType::F32)?.affine(&square, self.scale, 0.0)?;
-        let (probs, _) = SoftmaxLastDim.forward((&scaled, &square))?;
+        let logits = cast(logits, &square, DType::F32)?;
+        let (probs, _) = Softmax { scale: self.scale }.forward((&logits, &square))?;
         let probs = cast(probs, &square, self.matmul)?;
         let (out, _) = product_in((&probs, &square), (&v, &per_head), self.matmul)?;
         // [B, H, N, d] read as [B, N, H, d]: copied contiguous, in the input dtype.
@@ -85,11 +84,10 @@ impl CustomOp1 for Attention {
         let h = self.num_heads;
         let grad =
             grad.to_dtype(DType::F32)?.reshape((b, n, h, width / (3 * h)))?.transpose(1, 2)?.contiguous()?;
-        let probs = softmax_last_dim(&(matmul_in(&q, &k.t()?, self.matmul)? * self.scale)?)?;
+        let probs = matmul_in(&q, &k.t()?, self.matmul)?.apply_op1_no_bwd(&Softmax { scale: self.scale })?;
         let grad_v = matmul_in(&probs.t()?, &grad, self.matmul)?;
         let grad_probs = matmul_in(&grad, &v.t()?, self.matmul)?;
-        let dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
-        let grad_logits = ((grad_probs.broadcast_sub(&dot)? * &probs)? * self.scale)?;
+        let grad_logits = softmax_backward(&probs, &grad_probs, self.scale)?;
         let grad_q = matmul_in(&grad_logits, &k, self.matmul)?;
         let grad_k = matmul_in(&q.t()?, &grad_logits, self.matmul)?.t()?;
         let stacked = Tensor::stack(&[grad_q, grad_k, grad_v], 0)?;

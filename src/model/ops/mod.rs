@@ -12,6 +12,10 @@
 //! the bicubic matrices that resize the positional embedding exactly like PyTorch
 //! ([`bicubic_grid`]).
 //!
+//! On the CPU, LayerNorm, softmax and GELU (both passes) run as fused, row-parallel loops with the
+//! composition's arithmetic, bit for bit (`cpu.rs`, through the `Fused` trait); other backends and inputs
+//! run the composition.
+//!
 //! Mixed precision (`matmul = BF16`, PyTorch's bf16 autocast): products run in bf16 and the
 //! activations between them stay bf16 (layer-norm outputs that feed a product, linear and
 //! attention outputs, GELU); the residual stream, normalisation statistics, softmax and all the
@@ -67,6 +71,7 @@ macro_rules! backend_forward {
 }
 
 mod attention;
+mod cpu;
 mod matmul;
 mod norm;
 mod pointwise;
@@ -86,6 +91,35 @@ pub use weight_norm::weight_norm_linear;
 
 /// DINO's `trunc_normal_(std=.02)` for Linear weights, cls token and positional embedding.
 pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+/// Fused storage-level kernels for the ops whose candle composition is a chain of passes, where
+/// a backend has them: the CPU's (`cpu.rs`) do the composition's arithmetic in one multi-threaded
+/// pass. `None` means "none for these inputs": the op runs the composition of candle kernels
+/// instead (always on CUDA, whose behaviour these kernels leave as it is).
+pub(super) trait Fused: BackendStorage {
+    /// LayerNorm over the last dim, in `x`'s dtype (see [`LayerNorm`]).
+    fn layer_norm(
+        _x: (&Self, &Layout),
+        _weight: (&Self, &Layout),
+        _bias: (&Self, &Layout),
+        _eps: f64,
+    ) -> Option<Self> {
+        None
+    }
+
+    /// `softmax(x * scale)` over the last dim (see [`softmax_last_dim`], [`attention`]).
+    fn scaled_softmax(&self, _layout: &Layout, _scale: f64) -> Option<Self> {
+        None
+    }
+
+    /// Exact GELU (see [`gelu_erf`]).
+    fn gelu_erf(&self, _layout: &Layout) -> Option<Self> {
+        None
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Fused for candle_core::CudaStorage {}
 
 /// `x` (contiguous, `layout`) in `dtype`: itself when it is already, else a converted copy.
 fn cast<S: BackendStorage>(x: S, layout: &Layout, dtype: DType) -> Result<S> {
@@ -201,6 +235,45 @@ mod tests {
         for var in [&x, &w, &b] {
             let (a, b) = (g_ours.get(var.as_tensor()).unwrap(), g_theirs.get(var.as_tensor()).unwrap());
             assert!(max_diff(a, b) < 1e-5, "gradient differs by {}", max_diff(a, b));
+        }
+    }
+
+    type UnaryOp<'a> = dyn Fn(&Tensor) -> Result<Tensor> + 'a;
+
+    #[test]
+    fn fused_cpu_kernels_equal_the_composition_bit_for_bit_in_both_passes() {
+        // The same input through the fused CPU kernels and through the composition of candle
+        // kernels (as on CUDA); 37 and 70 columns cover the SIMD sums' tails, bf16 GELU its own kernel.
+        let dev = Device::Cpu;
+        for cols in [37, 70] {
+            let x = Var::randn(0f32, 2.0, (5, cols), &dev).unwrap();
+            let (w, b) =
+                (Var::randn(1f32, 0.3, cols, &dev).unwrap(), Var::randn(0f32, 0.3, cols, &dev).unwrap());
+            let r = Tensor::randn(0f32, 1.0, (cols, 5), &dev).unwrap();
+            let ln = layer_norm(w.as_tensor(), b.as_tensor(), DType::F32);
+            let ops: [&UnaryOp; 3] = [&|t| ln.forward(t), &|t| softmax_last_dim(t), &|t| gelu_erf(t)];
+            for (i, op) in ops.iter().enumerate() {
+                let run = |composed: bool| {
+                    cpu::COMPOSED_ONLY.with(|c| c.set(composed));
+                    let out = op(x.as_tensor()).unwrap();
+                    let loss = (out.t().unwrap() * &r).unwrap().sum_all().unwrap();
+                    let grads = loss.backward().unwrap();
+                    let grad = |v: &Var| {
+                        grads.get(v.as_tensor()).map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                    };
+                    cpu::COMPOSED_ONLY.with(|c| c.set(false));
+                    (out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [grad(&x), grad(&w), grad(&b)])
+                };
+                assert_eq!(run(false), run(true), "op {i}, {cols} columns");
+            }
+            let bf16 = x.as_tensor().to_dtype(DType::BF16).unwrap();
+            let gelu = |composed: bool| {
+                cpu::COMPOSED_ONLY.with(|c| c.set(composed));
+                let out = gelu_erf(&bf16).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                cpu::COMPOSED_ONLY.with(|c| c.set(false));
+                out.to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(gelu(false), gelu(true), "bf16 GELU, {cols} columns");
         }
     }
 

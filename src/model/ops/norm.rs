@@ -6,7 +6,7 @@ use candle_core::op::{self, ReduceOp};
 use candle_core::{CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::cast;
+use super::{Fused, cast, cpu};
 
 /// `nn.LayerNorm(dim, eps)` over the last dim. Names `weight`, `bias`. Statistics and affine
 /// map in the input's dtype (f32); the output in `out` (bf16 where a bf16 product consumes it,
@@ -36,7 +36,7 @@ impl Module for LayerNorm {
 
 /// The layouts of a reduction over the last dim at the storage level: the input's shape, its last
 /// axis, a fresh contiguous result, the reduced `[..., 1]` result, and that broadcast back.
-struct LastDim {
+pub(super) struct LastDim {
     shape: Shape,
     last: usize,
     contiguous: Layout,
@@ -73,12 +73,28 @@ struct LayerNormOp {
 
 impl LayerNormOp {
     /// `(x - mean) / sqrt(var + eps) * weight + bias` along the last dim, on any backend.
-    fn forward<S: BackendStorage>(
+    fn forward<S: Fused>(
         &self,
         (x, layout): (&S, &Layout),
         (weight, weight_layout): (&S, &Layout),
         (bias, bias_layout): (&S, &Layout),
     ) -> Result<(S, Shape)> {
+        let shape = layout.shape().clone();
+        let fused = S::layer_norm((x, layout), (weight, weight_layout), (bias, bias_layout), self.eps);
+        let ys = match fused {
+            Some(ys) => ys,
+            None => Self::composed((x, layout), (weight, weight_layout), (bias, bias_layout), self.eps)?,
+        };
+        Ok((cast(ys, &Layout::contiguous(shape.clone()), self.out)?, shape))
+    }
+
+    /// The forward pass as a chain of candle kernels, on any backend.
+    fn composed<S: BackendStorage>(
+        (x, layout): (&S, &Layout),
+        (weight, weight_layout): (&S, &Layout),
+        (bias, bias_layout): (&S, &Layout),
+        eps: f64,
+    ) -> Result<S> {
         let LastDim { shape, last, contiguous, reduced_contiguous, reduced } = LastDim::of(layout)?;
         let n = shape.dims()[last] as f64;
         let mean = x.reduce_op(ReduceOp::Sum, layout, &[last])?.affine(&reduced_contiguous, 1.0 / n, 0.0)?;
@@ -87,7 +103,7 @@ impl LayerNormOp {
             centered.unary_impl::<op::Sqr>(&contiguous)?.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
         let std = sum_sq
             .affine(&reduced_contiguous, 1.0 / n, 0.0)?
-            .affine(&reduced_contiguous, 1.0, self.eps)?
+            .affine(&reduced_contiguous, 1.0, eps)?
             .unary_impl::<op::Sqrt>(&reduced_contiguous)?;
         let normed = centered.binary_impl::<op::Div>(&std, &contiguous, &reduced)?;
         let scaled = normed.binary_impl::<op::Mul>(
@@ -95,9 +111,7 @@ impl LayerNormOp {
             &contiguous,
             &weight_layout.broadcast_as(shape.clone())?,
         )?;
-        let ys =
-            scaled.binary_impl::<op::Add>(bias, &contiguous, &bias_layout.broadcast_as(shape.clone())?)?;
-        Ok((cast(ys, &contiguous, self.out)?, shape))
+        scaled.binary_impl::<op::Add>(bias, &contiguous, &bias_layout.broadcast_as(shape)?)
     }
 }
 
@@ -117,6 +131,16 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.to_dtype(xs.dtype())?;
+        let fused =
+            cpu::with_f32([xs, weight, &grad], |[x, w, g]| cpu::layer_norm_backward(x, w, g, self.eps));
+        if let Some([grad_xs, grad_weight, grad_bias]) = fused {
+            let (device, dim) = (xs.device(), weight.dims());
+            return Ok((
+                Some(Tensor::from_vec(grad_xs, xs.shape(), device)?),
+                Some(Tensor::from_vec(grad_weight, dim, device)?),
+                Some(Tensor::from_vec(grad_bias, dim, device)?),
+            ));
+        }
         let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
         let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let normed = centered.broadcast_mul(&rstd)?;
@@ -137,15 +161,32 @@ impl CustomOp3 for LayerNormOp {
 /// so only the input and the result stay in the autograd graph, not the three intermediates a
 /// composition of tensor ops would keep; the backward is `y * (g - sum(g * y))`.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    xs.apply_op1(SoftmaxLastDim)
+    xs.apply_op1(Softmax { scale: 1.0 })
 }
 
-pub(super) struct SoftmaxLastDim;
+/// `softmax(x * scale)` over the last dim: `affine(scale, 0)` first (left out at scale 1), as
+/// attention scales its logits.
+pub(super) struct Softmax {
+    pub scale: f64,
+}
 
-impl SoftmaxLastDim {
-    /// `exp(x - max) / sum(exp(x - max))` along the last dim of `layout`, on any backend.
-    pub(super) fn forward<S: BackendStorage>(&self, (x, layout): (&S, &Layout)) -> Result<(S, Shape)> {
+impl Softmax {
+    /// `exp(z - max) / sum(exp(z - max))` with `z = x * scale` along the last dim of `layout`, on
+    /// any backend.
+    pub(super) fn forward<S: Fused>(&self, (x, layout): (&S, &Layout)) -> Result<(S, Shape)> {
+        let scale = self.scale;
+        if let Some(ys) = x.scaled_softmax(layout, scale) {
+            return Ok((ys, layout.shape().clone()));
+        }
         let LastDim { shape, last, contiguous, reduced, .. } = LastDim::of(layout)?;
+        let scaled;
+        let (x, layout) = match scale {
+            1.0 => (x, layout),
+            _ => {
+                scaled = x.affine(layout, scale, 0.0)?;
+                (&scaled, &contiguous)
+            }
+        };
         let max = x.reduce_op(ReduceOp::Max, layout, &[last])?;
         let exp = x.binary_impl::<op::Sub>(&max, layout, &reduced)?.unary_impl::<op::Exp>(&contiguous)?;
         let sum = exp.reduce_op(ReduceOp::Sum, &contiguous, &[last])?;
@@ -153,7 +194,7 @@ impl SoftmaxLastDim {
     }
 }
 
-impl CustomOp1 for SoftmaxLastDim {
+impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-last-dim-with-backward"
     }
@@ -161,9 +202,20 @@ impl CustomOp1 for SoftmaxLastDim {
     backend_forward!(1, forward);
 
     fn bwd(&self, _xs: &Tensor, ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&dot)? * ys)?.detach()))
+        Ok(Some(softmax_backward(ys, grad, self.scale)?.detach()))
     }
+}
+
+/// The gradient of `softmax(x * scale)` from its output `ys` and the output gradient:
+/// `(grad - sum(grad * ys)) * ys`, times `scale` (left out at 1).
+pub(super) fn softmax_backward(ys: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    let n = ys.dim(D::Minus1)?;
+    if let Some(fused) = cpu::with_f32([ys, grad], |[y, g]| cpu::softmax_backward(y, g, n, scale)) {
+        return Tensor::from_vec(fused, ys.shape(), ys.device());
+    }
+    let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
+    let unscaled = (grad.broadcast_sub(&dot)? * ys)?;
+    if scale == 1.0 { Ok(unscaled) } else { unscaled * scale }
 }
 
 /// Log-softmax over the last dim: `x - max - log(sum(exp(x - max)))`.

@@ -7,6 +7,7 @@ use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::matmul::Operand;
+use super::{Fused, cpu};
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`), not candle's tanh `gelu`, in the
 /// input's dtype. The backward is candle's (which rounds `1/sqrt(2 pi)` to 0.398942, 7e-7
@@ -19,8 +20,12 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
 struct GeluErf;
 
 impl GeluErf {
-    fn forward<S: BackendStorage>(&self, (xs, layout): (&S, &Layout)) -> Result<(S, Shape)> {
-        Ok((xs.unary_impl::<op::GeluErf>(layout)?, layout.shape().clone()))
+    fn forward<S: Fused>(&self, (xs, layout): (&S, &Layout)) -> Result<(S, Shape)> {
+        let ys = match xs.gelu_erf(layout) {
+            Some(ys) => ys,
+            None => xs.unary_impl::<op::GeluErf>(layout)?,
+        };
+        Ok((ys, layout.shape().clone()))
     }
 }
 
@@ -33,12 +38,16 @@ impl CustomOp1 for GeluErf {
 
     /// `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`.
     fn bwd(&self, xs: &Tensor, _ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = xs.to_dtype(DType::F32)?;
+        let (x, grad) = (xs.to_dtype(DType::F32)?, grad.to_dtype(DType::F32)?);
+        if let Some(fused) = cpu::with_f32([&x, &grad], |[x, g]| cpu::gelu_erf_backward(x, g)) {
+            let grad_xs = Tensor::from_vec(fused, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+            return Ok(Some(grad_xs.detach()));
+        }
         let neg_half_square = (x.sqr()?.neg()? / 2.)?;
         let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * &x)?;
         let erf_scaled_sqrt = (0.5 * (&x / 2f64.sqrt())?.erf()?)?;
         let derivative = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;
-        let grad_xs = (grad.to_dtype(DType::F32)? * derivative)?.to_dtype(xs.dtype())?;
+        let grad_xs = (grad * derivative)?.to_dtype(xs.dtype())?;
         Ok(Some(grad_xs.detach()))
     }
 }

@@ -1,0 +1,313 @@
+//! The CPU side of the custom ops: fused f32 loops, parallel over rows on rayon's pool (the one
+//! candle's GEMM uses), each doing its op's arithmetic element for element as the chain of candle
+//! kernels it replaces. Row sums and maxima go through candle's own `VecOps` (same summation
+//! order), unary functions through candle's `UnaryOpT` (same `exp`, `erf`), and each intermediate
+//! is rounded to f32 where the chain stored it: the results are bit-identical, while the chain's
+//! passes over memory, its allocations and its single thread are gone. A sum over rows (a
+//! parameter gradient) runs in parallel over columns, each column summed in row order as candle does.
+//!
+//! Everything here works on contiguous f32 slices; the ops fall back to the backend-generic
+//! composition for other dtypes, strided inputs and other devices.
+
+use candle_core::cpu::kernels::VecOps;
+use candle_core::op::{self, UnaryOpT};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::Fused;
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the composition of candle kernels on this thread, for comparison.
+    pub static COMPOSED_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the fused kernels run (always, outside the tests that compare them with the composition).
+fn fused() -> bool {
+    #[cfg(test)]
+    if COMPOSED_ONLY.with(std::cell::Cell::get) {
+        return false;
+    }
+    true
+}
+
+impl Fused for CpuStorage {
+    fn layer_norm(
+        (x, layout): (&Self, &Layout),
+        (weight, weight_layout): (&Self, &Layout),
+        (bias, bias_layout): (&Self, &Layout),
+        eps: f64,
+    ) -> Option<Self> {
+        if !fused() {
+            return None;
+        }
+        let (x, w, b) = (cpu_f32(x, layout)?, cpu_f32(weight, weight_layout)?, cpu_f32(bias, bias_layout)?);
+        let n = *layout.dims().last()?;
+        (n > 0 && w.len() == n && b.len() == n).then(|| CpuStorage::F32(layer_norm(x, w, b, eps)))
+    }
+
+    fn scaled_softmax(&self, layout: &Layout, scale: f64) -> Option<Self> {
+        if !fused() {
+            return None;
+        }
+        let (x, n) = (cpu_f32(self, layout)?, *layout.dims().last()?);
+        (n > 0).then(|| CpuStorage::F32(softmax(x, n, scale)))
+    }
+
+    fn gelu_erf(&self, layout: &Layout) -> Option<Self> {
+        if !fused() {
+            return None;
+        }
+        match self {
+            // candle's bf16 GELU evaluates erf in f64 per element; the same function, in parallel.
+            CpuStorage::BF16(data) => {
+                let (start, end) = layout.contiguous_offsets()?;
+                let xs = &data[start..end];
+                Some(CpuStorage::BF16(
+                    xs.par_iter().with_min_len(GRAIN).map(|&v| op::GeluErf::bf16(v)).collect(),
+                ))
+            }
+            _ => Some(CpuStorage::F32(gelu_erf(cpu_f32(self, layout)?))),
+        }
+    }
+}
+
+/// Elements per parallel task: below this, handing work to another thread costs more than it saves.
+const GRAIN: usize = 1 << 14;
+
+/// Rows of length `n` per parallel task.
+fn rows_per_task(n: usize) -> usize {
+    (GRAIN / n.max(1)).max(1)
+}
+
+/// `f(out, x)` element-wise, in parallel over chunks.
+fn map(out: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+    out.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(out, x)| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    });
+}
+
+/// candle's `sum_keepdim` over a contiguous last dim.
+fn row_sum(row: &[f32]) -> f32 {
+    let mut sum = 0.0;
+    // SAFETY: `row.len()` elements are readable from `row.as_ptr()`.
+    unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut sum, row.len()) };
+    sum
+}
+
+/// candle's `max_keepdim` over a contiguous last dim (`row` non-empty): the first element, replaced
+/// by each later one that compares greater.
+fn row_max(row: &[f32]) -> f32 {
+    row.iter().fold(row[0], |max, &v| if max < v { v } else { max })
+}
+
+/// candle's `affine(mul, add)` on one f32 value: both constants rounded to f32 first.
+fn affine(v: f32, mul: f64, add: f64) -> f32 {
+    v * mul as f32 + add as f32
+}
+
+/// `mean_keepdim` of a row as candle computes it: the sum, then `affine(1 / n, 0)`.
+fn row_mean(row: &[f32]) -> f32 {
+    affine(row_sum(row), 1.0 / row.len() as f64, 0.0)
+}
+
+/// The sums over rows of `[rows, n]` matrices (`sum(0)`), each column added in row order from 0,
+/// as candle's reduction does; parallel over blocks of columns.
+fn column_sums<const K: usize>(xs: [&[f32]; K], n: usize) -> [Vec<f32>; K] {
+    let block = n.clamp(1, 64);
+    xs.map(|x| {
+        let mut sum = vec![0f32; n];
+        sum.par_chunks_mut(block).enumerate().for_each(|(b, acc)| {
+            let columns = b * block..b * block + acc.len();
+            for row in x.chunks(n) {
+                for (a, &v) in acc.iter_mut().zip(&row[columns.clone()]) {
+                    *a += v;
+                }
+            }
+        });
+        sum
+    })
+}
+
+/// LayerNorm's forward pass (`LayerNormOp::forward`): per row of length `w.len()`,
+/// `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> Vec<f32> {
+    let n = w.len();
+    let chunk = rows_per_task(n) * n;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(out, x)| {
+        let mut squares = vec![0f32; n];
+        for (out, x) in out.chunks_mut(n).zip(x.chunks(n)) {
+            let mean = row_mean(x);
+            for ((o, s), &v) in out.iter_mut().zip(&mut squares).zip(x) {
+                *o = v - mean;
+                *s = *o * *o;
+            }
+            let std = affine(row_mean(&squares), 1.0, eps).sqrt();
+            for ((o, &w), &b) in out.iter_mut().zip(w).zip(b) {
+                *o = *o / std * w + b;
+            }
+        }
+    });
+    out
+}
+
+/// LayerNorm's backward pass (`LayerNormOp::bwd`): `[dx, dw, db]` from the input, the weight and
+/// the output gradient: with `n = (x - mean) rstd` and `g = grad w`,
+/// `dx = ((g - mean(g)) - n mean(g n)) rstd`, `dw = sum_rows(grad n)`, `db = sum_rows(grad)`.
+pub fn layer_norm_backward(x: &[f32], w: &[f32], grad: &[f32], eps: f64) -> [Vec<f32>; 3] {
+    let n = w.len();
+    let chunk = rows_per_task(n) * n;
+    let (mut dx, mut grad_normed) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+    let outs = dx.par_chunks_mut(chunk).zip(grad_normed.par_chunks_mut(chunk));
+    outs.zip(x.par_chunks(chunk).zip(grad.par_chunks(chunk))).for_each(|((dx, gn), (x, grad))| {
+        let (mut normed, mut g, mut scratch) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let rows = dx.chunks_mut(n).zip(gn.chunks_mut(n)).zip(x.chunks(n).zip(grad.chunks(n)));
+        for ((dx, gn), (x, grad)) in rows {
+            let mean = row_mean(x);
+            for ((c, s), &v) in normed.iter_mut().zip(&mut scratch).zip(x) {
+                *c = v - mean;
+                *s = *c * *c;
+            }
+            let rstd = affine(row_mean(&scratch), 1.0, eps).sqrt().recip();
+            for (((c, gn), (gi, s)), (&gr, &w)) in normed
+                .iter_mut()
+                .zip(gn.iter_mut())
+                .zip(g.iter_mut().zip(&mut scratch))
+                .zip(grad.iter().zip(w))
+            {
+                *c *= rstd;
+                *gn = gr * *c;
+                *gi = gr * w;
+                *s = *gi * *c;
+            }
+            let (mean_g, mean_gn) = (row_mean(&g), row_mean(&scratch));
+            for ((d, &gi), &c) in dx.iter_mut().zip(&g).zip(&normed) {
+                *d = ((gi - mean_g) - c * mean_gn) * rstd;
+            }
+        }
+    });
+    let [dw, db] = column_sums([&grad_normed, grad], n);
+    [dx, dw, db]
+}
+
+/// Softmax over rows of length `n` of `x * scale` (`affine(scale, 0)` first, as attention
+/// scales its logits; `scale` 1 for a plain softmax: `x * 1 + 0` is `x`):
+/// `exp(z - max) / sum(exp(z - max))`.
+pub fn softmax(x: &[f32], n: usize, scale: f64) -> Vec<f32> {
+    let chunk = rows_per_task(n) * n;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(out, x)| {
+        for (out, x) in out.chunks_mut(n).zip(x.chunks(n)) {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = affine(v, scale, 0.0);
+            }
+            let max = row_max(out);
+            for o in out.iter_mut() {
+                *o = op::Exp::f32(*o - max);
+            }
+            let sum = row_sum(out);
+            for o in out.iter_mut() {
+                *o /= sum;
+            }
+        }
+    });
+    out
+}
+
+/// Softmax's backward pass for rows of length `n`: `(g - sum(g y)) y`, then `affine(scale, 0)`
+/// (attention's logit scale; 1 for a plain softmax).
+pub fn softmax_backward(y: &[f32], grad: &[f32], n: usize, scale: f64) -> Vec<f32> {
+    let chunk = rows_per_task(n) * n;
+    let mut out = vec![0f32; y.len()];
+    let ins = y.par_chunks(chunk).zip(grad.par_chunks(chunk));
+    out.par_chunks_mut(chunk).zip(ins).for_each(|(out, (y, grad))| {
+        for (out, (y, grad)) in out.chunks_mut(n).zip(y.chunks(n).zip(grad.chunks(n))) {
+            for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+                *o = g * y;
+            }
+            let dot = row_sum(out);
+            for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+                *o = (g - dot) * y;
+            }
+            if scale != 1.0 {
+                for o in out.iter_mut() {
+                    *o = affine(*o, scale, 0.0);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Exact GELU element-wise (candle's `gelu_erf` kernel).
+pub fn gelu_erf(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    map(&mut out, x, op::GeluErf::f32);
+    out
+}
+
+/// GELU's backward pass (`GeluErf::bwd` in f32): `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`,
+/// rounded step by step as the composition of tensor ops.
+pub fn gelu_erf_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let ins = x.par_chunks(GRAIN).zip(grad.par_chunks(GRAIN));
+    out.par_chunks_mut(GRAIN).zip(ins).for_each(|(out, (x, grad))| {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+            let neg_half_square = affine(-(x * x), 1.0 / 2.0, 0.0);
+            let scaled_exp_arg = affine(op::Exp::f32(neg_half_square), 0.398942, 0.0) * x;
+            let erf_scaled_sqrt = affine(op::Erf::f32(affine(x, 1.0 / 2f64.sqrt(), 0.0)), 0.5, 0.0);
+            let derivative = affine(scaled_exp_arg, 1.0, 0.5) + erf_scaled_sqrt;
+            *o = g * derivative;
+        }
+    });
+    out
+}
+
+/// The contiguous f32 data of `tensors` on the CPU, handed to `f`; `None` (and `f` not called)
+/// when one is on another device, in another dtype or strided.
+pub fn with_f32<const K: usize, R>(tensors: [&Tensor; K], f: impl FnOnce([&[f32]; K]) -> R) -> Option<R> {
+    if !fused() || tensors.iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32) {
+        return None;
+    }
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut slices = [&[][..]; K];
+    for (slice, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        *slice = contiguous_f32(storage, layout)?;
+    }
+    Some(f(slices))
+}
+
+/// The elements of a contiguous f32 CPU storage under `layout`.
+fn contiguous_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match storage {
+        Storage::Cpu(storage) => cpu_f32(storage, layout),
+        _ => None,
+    }
+}
+
+/// The f32 elements of a CPU storage under a contiguous layout.
+fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(data) => {
+            let (start, end) = layout.contiguous_offsets()?;
+            Some(&data[start..end])
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_sums_add_each_column_in_row_order() {
+        // 1e8 + 1 - 1e8 is 0 in f32 from the top, 1 in another order.
+        let x = [1e8f32, 1.0, 1.0, 2.0, -1e8, 3.0];
+        let [sums] = column_sums([&x], 2);
+        assert_eq!(sums, vec![0.0, 6.0]);
+    }
+}
