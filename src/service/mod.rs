@@ -33,6 +33,8 @@
 //!   copies of known content are rejected the same way without a ledger entry ([`intake`]).
 //! - **A failing state disk degrades the service, it does not end it** ([`health`]): failed
 //!   checkpoints are retried with backoff and reported; training pauses when too much is unsaved.
+//!   A ledger the disk cannot take keeps its marks in memory (checkpoints wait for them) and new
+//!   tiles are observed again every second until they can be recorded.
 
 pub mod checkpoints;
 pub mod health;
