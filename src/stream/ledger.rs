@@ -154,7 +154,7 @@ pub struct Ledger {
     unrecorded: Vec<Record>,
     /// Length to cut the log back to before the next write (a failed write could not be undone).
     torn_at: Option<u64>,
-    /// The last write failed (warned once until one succeeds).
+    /// A write failed since the last successful sync (warned once until then).
     failing: bool,
     /// Test seam: bytes the log still takes before writes fail as on a full disk.
     #[cfg(test)]
@@ -468,7 +468,11 @@ impl Ledger {
     /// checkpoint to survive a power loss too. Fails while kept changes cannot be written.
     pub fn sync(&mut self) -> Result<(), LedgerError> {
         self.flush_unrecorded()?;
-        self.log.sync_data().map_err(|source| LedgerError::Io { path: self.path.clone(), source })
+        self.log.sync_data().map_err(|source| LedgerError::Io { path: self.path.clone(), source })?;
+        if std::mem::take(&mut self.failing) {
+            log::info!("{}: the ledger can be written again; nothing it kept is lost", self.path.display());
+        }
+        Ok(())
     }
 
     /// Rewrite the log as one record per tile now (also done automatically, see the module doc).
@@ -515,20 +519,19 @@ impl Ledger {
         Ok(())
     }
 
-    /// Append `bytes` to the log; warn once when writes start failing and say when they work again.
+    /// Append `bytes` to the log; warn once per spell of failures (it ends at the next successful
+    /// [`Ledger::sync`], so a nearly full disk that takes small records and refuses larger ones
+    /// does not warn at every append).
     fn write(&mut self, bytes: &[u8]) -> Result<(), LedgerError> {
         let result = self.write_or_cut(bytes);
-        match &result {
-            Ok(()) if self.failing => {
-                log::info!("{}: the ledger can be written again", self.path.display());
-            }
-            Err(e) if !self.failing => log::warn!(
+        if let Err(e) = &result
+            && !std::mem::replace(&mut self.failing, true)
+        {
+            log::warn!(
                 "{}: cannot write the ledger: {e}; new tiles wait until it can, trained and rejected tiles are kept in memory and no checkpoint is written until they are on disk: free space in the state folder (serve.state_dir)",
                 self.path.display()
-            ),
-            _ => {}
+            );
         }
-        self.failing = result.is_err();
         result.map_err(|source| LedgerError::Io { path: self.path.clone(), source })
     }
 
