@@ -92,7 +92,7 @@ def free_bytes(path):
 def fill(path, leave):
     """Fill the file system of `path` until `leave` bytes are free (a filler file)."""
     filler = os.path.join(path, ".filler")
-    with open(filler, "ab") as f:
+    with open(filler, "ab", buffering=0) as f:  # unbuffered: a failed last write leaves nothing to flush
         chunk = b"\0" * (1 << 20)
         while free_bytes(path) > leave + len(chunk):
             f.write(chunk)
@@ -353,7 +353,7 @@ class Soak:
             return
         phase = cycle % 10
         if phase == 3:
-            fill(self.state, 512 << 10)  # the ledger and status.json still fit, a checkpoint does not
+            fill(self.state, 0)  # checkpoints, the ledger and status.json all hit the full disk
             self.counts["state_full"] += 1
         elif phase == 7:
             fill(self.exports, 0)

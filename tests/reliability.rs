@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use dinostream::stream::ledger::LEDGER_FILE;
+use dinostream::stream::{Identity, Ledger, Observation};
+
 use crate::ingest::{patch_tag, patches};
 use crate::serve::{Service, config, drop_bigearthnet, drop_tile, tile_bytes};
 use crate::tiff_writer::{Codec, TiffSpec, tiff_bytes};
@@ -335,6 +338,53 @@ fn a_state_disk_that_refuses_checkpoints_degrades_the_service_and_it_recovers_by
     assert!(s.log().contains("the service is healthy again"), "{}", s.log());
     s.signal("TERM");
     assert!(s.wait_exit(60).success(), "{}", s.log());
+}
+
+/// A ledger of rejected tiles in `state` as long as `tiles` long records make it; its length.
+fn prefilled_ledger(state: &Path, tiles: u64) -> u64 {
+    let mut ledger = Ledger::open(state, 10_000).unwrap();
+    for n in 0..tiles {
+        let path = PathBuf::from(format!("/gone/t{n}.tif"));
+        let obs = ledger.observe(&Identity { path, size: n, mtime_ns: 0, hash: n.into() }).unwrap();
+        let Observation::New(id) = obs else { panic!("{obs:?}") };
+        ledger.mark_rejected(id, &"x".repeat(200)).unwrap();
+    }
+    ledger.sync().unwrap();
+    fs::metadata(state.join(LEDGER_FILE)).unwrap().len()
+}
+
+/// Item 10, the ledger: when the state disk cannot take the ledger's appends (here: a file size
+/// limit just above its length, `SIGXFSZ` ignored, so writes fail with EFBIG), the service goes
+/// on (new tiles wait, checkpoints fail and training pauses) and recovers by itself once it can
+/// write again, with every tile trained once and a clean log.
+#[test]
+fn a_state_disk_that_refuses_ledger_appends_neither_ends_the_service_nor_corrupts_the_ledger() {
+    let cfg =
+        config("checkpoint_every_steps = 2\npause_after_unsaved_steps = 4\n", 2, "fresh_fraction = 1.0\n");
+    let mut s = Service::new(&cfg);
+    let limit = prefilled_ledger(&s.path("state"), 200) + 250; // room for about three new tiles
+    let wrapper = format!("trap '' XFSZ; exec prlimit --fsize={limit}: \"$0\" \"$@\"");
+    s.start_wrapped(&["bash", "-c", &wrapper], &[]);
+    s.wait_until("start-up", 30, |s| s.log().contains("serving"));
+    for i in 0..12 {
+        drop_tile(&s.path("incoming"), &format!("t{i:02}.tif"), i);
+    }
+    s.wait_until("the ledger full and training paused", 60, |s| {
+        s.log().contains("cannot write the ledger") && s.status()["training_paused"] == true
+    });
+    assert!(s.stat("tiles_seen") < 212, "{}", s.status());
+    std::thread::sleep(Duration::from_secs(2)); // deferred tiles are retried meanwhile
+    let raised = Command::new("prlimit").args(["--pid", &s.pid().to_string(), "--fsize=unlimited:"]).status();
+    assert!(raised.unwrap().success(), "prlimit on a running service failed");
+    s.wait_until("recovered and every tile trained", 90, |s| {
+        s.stat("tiles_trained") == 12 && s.status()["checkpoint_failures"] == 0
+    });
+    assert!(s.log().contains("the ledger can be written again"), "{}", s.log());
+    s.signal("TERM");
+    assert!(s.wait_exit(60).success(), "{}", s.log());
+    let ledger = Ledger::open(&s.path("state"), 10_000).unwrap();
+    assert_eq!((ledger.counts().trained, ledger.counts().rejected), (12, 200));
+    assert!(!s.path("state/ledger.bin.damaged").exists(), "no torn record in the middle of the log");
 }
 
 /// Item 11: `checkpoint_every_secs` fires while training runs without a pause (status reports

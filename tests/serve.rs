@@ -109,6 +109,11 @@ impl Service {
         self.status()[key].as_u64().unwrap_or(0)
     }
 
+    /// The running service's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Send `signal` (TERM or KILL) to the running service.
     pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();

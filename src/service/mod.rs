@@ -33,6 +33,8 @@
 //!   copies of known content are rejected the same way without a ledger entry ([`intake`]).
 //! - **A failing state disk degrades the service, it does not end it** ([`health`]): failed
 //!   checkpoints are retried with backoff and reported; training pauses when too much is unsaved.
+//!   A ledger the disk cannot take keeps its marks in memory (checkpoints wait for them) and new
+//!   tiles are observed again every second until they can be recorded.
 
 pub mod checkpoints;
 pub mod health;
@@ -46,7 +48,7 @@ pub mod publish;
 pub mod rehearsal;
 pub mod train;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -76,6 +78,8 @@ pub const PREFETCH_BATCHES: usize = 2;
 const CANDIDATE_CAPACITY: usize = 1024;
 /// How long the owner sleeps when there is nothing to do (the watchdog is pinged in between).
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// How often candidates the ledger could not record (state disk full) are observed again.
+const DEFERRED_RETRY: Duration = Duration::from_secs(1);
 /// The longest single sleep of a duty-cycle pause (the loop pumps and checks the stop flag between).
 const PAUSE_SLICE: Duration = Duration::from_millis(100);
 /// Mixed into `train.seed` for the mixer's RNG.
@@ -158,6 +162,8 @@ struct Service {
     health: CheckpointHealth,
     /// Paths rejected without a ledger entry (unreadable, special files, duplicates).
     untracked: Untracked,
+    /// New candidates the ledger could not record yet (state disk full), and the last retry.
+    deferred: (BTreeSet<PathBuf>, Instant),
     /// The last status.json write failed (logged once until one succeeds).
     status_unwritable: bool,
     status: Arc<Mutex<Status>>,
@@ -185,7 +191,7 @@ impl Service {
         let mut ledger = Ledger::open(state_dir, cfg.stream.ledger_compact_records)?;
         let device = crate::model::device(cfg.train.device)?;
         let (trainer, mixer, next_sample_id, step) = resume_or_begin(cfg, &device)?;
-        let requeued = ledger.requeue_trained_after(step)?;
+        let requeued = ledger.requeue_trained_after(step);
         if requeued > 0 {
             log::info!("{requeued} tile(s) trained after the checkpoint of step {step} are queued again");
         }
@@ -229,6 +235,7 @@ impl Service {
             checkpoint_clock: Instant::now(),
             health: CheckpointHealth::default(),
             untracked: Untracked::default(),
+            deferred: (BTreeSet::new(), Instant::now()),
             status_unwritable: false,
             status,
             last_report: None,
@@ -313,7 +320,16 @@ impl Service {
             self.reject_untracked(path, &reason);
             return Ok(());
         }
-        match self.ledger.observe(&identity)? {
+        let observation = match self.ledger.observe(&identity) {
+            Ok(observation) => observation,
+            Err(e) => {
+                // the ledger warns once per spell of failing writes
+                log::debug!("{}: not recorded yet, tried again later: {e}", path.display());
+                self.deferred.0.insert(path.to_path_buf());
+                return Ok(());
+            }
+        };
+        match observation {
             Observation::New(id) | Observation::Known { id, state: TileState::Pending } => {
                 self.schedule_tile(id)
             }
@@ -324,6 +340,24 @@ impl Service {
             }
             Observation::Known { id, state } => {
                 log::debug!("{}: already known as tile {} ({state:?})", path.display(), id.0)
+            }
+        }
+        Ok(())
+    }
+
+    /// Observe the candidates the ledger could not record again (every [`DEFERRED_RETRY`]), up to
+    /// the first that still cannot be recorded.
+    fn retry_deferred(&mut self) -> Result<()> {
+        if self.deferred.0.is_empty() || self.deferred.1.elapsed() < DEFERRED_RETRY {
+            return Ok(());
+        }
+        self.deferred.1 = Instant::now();
+        let mut waiting = std::mem::take(&mut self.deferred.0).into_iter();
+        while let Some(path) = waiting.next() {
+            self.observe(&path)?;
+            if self.deferred.0.contains(&path) {
+                self.deferred.0.extend(waiting);
+                break;
             }
         }
         Ok(())
@@ -583,6 +617,7 @@ impl Service {
         while let Ok(candidate) = self.candidates.try_recv() {
             self.observe(&candidate.path)?;
         }
+        self.retry_deferred()?;
         loop {
             self.feed_ingest()?;
             if !self.unstall() {

@@ -7,6 +7,14 @@
 //! `compact_records` more records than there are tiles, it is rewritten as one record per tile
 //! with [`fsio::write_atomic`] and appending continues on the new file.
 //!
+//! A full or failing state disk never corrupts the log nor ends the service: a failed append is cut
+//! off again (no torn record stays in the middle), a new tile is then not recorded (the caller
+//! tries it again later), and a state change of a known tile (trained, rejected, requeued, seen
+//! elsewhere) is applied in memory and kept until a later append or [`Ledger::sync`] writes it.
+//! `sync` fails while such changes are unwritten, so no checkpoint covers a step whose marks are
+//! not on disk; a process killed before they are written resumes from a checkpoint that predates
+//! them, so the tiles are trained again there as new, once.
+//!
 //! A tile's identity is its content: size plus a hash of its first and last 64 KiB (the header and
 //! the tail; for a BigEarthNet folder, of every band file). The same content under another name
 //! (renamed, re-dropped) is known; changed content at the same path is new.
@@ -142,6 +150,15 @@ pub struct Ledger {
     by_content: HashMap<(u64, u128), TileId>,
     records: usize,
     compact_records: usize,
+    /// State changes applied in memory that the log could not take yet, oldest first.
+    unrecorded: Vec<Record>,
+    /// Length to cut the log back to before the next write (a failed write could not be undone).
+    torn_at: Option<u64>,
+    /// A write failed since the last successful sync (warned once until then).
+    failing: bool,
+    /// Test seam: bytes the log still takes before writes fail as on a full disk.
+    #[cfg(test)]
+    room: Option<usize>,
 }
 
 impl Identity {
@@ -267,6 +284,11 @@ impl Ledger {
             by_content: HashMap::new(),
             records: 0,
             compact_records: compact_records.max(1),
+            unrecorded: Vec::new(),
+            torn_at: None,
+            failing: false,
+            #[cfg(test)]
+            room: None,
         };
         let good_len = ledger.replay(&bytes)?;
         if good_len < bytes.len() {
@@ -352,14 +374,15 @@ impl Ledger {
     }
 
     /// Look `identity` up: same content (size and hash) is [`Observation::Known`], wherever it is
-    /// now (the new path is recorded); anything else is recorded as a new pending tile.
+    /// now (the new path is recorded); anything else is recorded as a new pending tile. Fails only
+    /// for a new tile the log cannot take (nothing is recorded: observe it again later).
     pub fn observe(&mut self, identity: &Identity) -> Result<Observation, LedgerError> {
         if let Some(&id) = self.by_content.get(&(identity.size, identity.hash)) {
             let (known, state) = &self.tiles[id.0 as usize];
             let state = state.clone();
             if known.path != identity.path || known.mtime_ns != identity.mtime_ns {
                 let path = path_bytes(&identity.path);
-                self.append(Record::Seen { id, path, mtime_ns: identity.mtime_ns })?;
+                self.mark(Record::Seen { id, path, mtime_ns: identity.mtime_ns });
             }
             return Ok(Observation::Known { id, state });
         }
@@ -376,30 +399,35 @@ impl Ledger {
     }
 
     /// Record that tile `id` was trained at `step` (the first step is kept if it already was).
+    /// Fails only for an unknown id; a mark the log cannot take yet is kept (see the module doc).
     pub fn mark_trained(&mut self, id: TileId, step: u64) -> Result<(), LedgerError> {
         if matches!(self.state(id)?, TileState::Trained { .. }) {
             return Ok(());
         }
-        self.append(Record::Trained { id, step })
+        self.mark(Record::Trained { id, step });
+        Ok(())
     }
 
-    /// Record that tile `id` could not be used, and why.
+    /// Record that tile `id` could not be used, and why (kept like [`Ledger::mark_trained`]).
     pub fn mark_rejected(&mut self, id: TileId, reason: &str) -> Result<(), LedgerError> {
         self.state(id)?;
-        self.append(Record::Rejected { id, reason: short_reason(reason) })
+        self.mark(Record::Rejected { id, reason: short_reason(reason) });
+        Ok(())
     }
 
     /// Put every tile first trained after `step` back to pending (after resuming from the
-    /// checkpoint of `step`, their training is undone). Returns how many.
-    pub fn requeue_trained_after(&mut self, step: u64) -> Result<usize, LedgerError> {
+    /// checkpoint of `step`, their training is undone). Returns how many. Requeues the log cannot
+    /// take yet are kept like marks: until they are written no checkpoint is taken, and a
+    /// restart requeues the same tiles again.
+    pub fn requeue_trained_after(&mut self, step: u64) -> usize {
         let ids: Vec<TileId> = (0..self.tiles.len() as u64)
             .map(TileId)
             .filter(|&id| matches!(self.tiles[id.0 as usize].1, TileState::Trained { step: s } if s > step))
             .collect();
         for &id in &ids {
-            self.append(Record::Requeued { id })?;
+            self.mark(Record::Requeued { id });
         }
-        Ok(ids.len())
+        ids.len()
     }
 
     /// The state of tile `id`.
@@ -435,10 +463,16 @@ impl Ledger {
         c
     }
 
-    /// Flush appended records to disk (fsync). Records are written to the OS as they happen, so
-    /// a killed process loses none; call this before a checkpoint to survive a power loss too.
+    /// Write the state changes kept in memory, then flush the log to disk (fsync). Records are
+    /// written to the OS as they happen, so a killed process loses none; call this before a
+    /// checkpoint to survive a power loss too. Fails while kept changes cannot be written.
     pub fn sync(&mut self) -> Result<(), LedgerError> {
-        self.log.sync_data().map_err(|source| LedgerError::Io { path: self.path.clone(), source })
+        self.flush_unrecorded()?;
+        self.log.sync_data().map_err(|source| LedgerError::Io { path: self.path.clone(), source })?;
+        if std::mem::take(&mut self.failing) {
+            log::info!("{}: the ledger can be written again; nothing it kept is lost", self.path.display());
+        }
+        Ok(())
     }
 
     /// Rewrite the log as one record per tile now (also done automatically, see the module doc).
@@ -446,14 +480,98 @@ impl Ledger {
         self.rewrite().map_err(|source| LedgerError::Io { path: self.path.clone(), source })
     }
 
+    /// Apply a state change of a known tile now, and write it now or, when the log cannot take
+    /// it, with the next append or [`Ledger::sync`].
+    fn mark(&mut self, record: Record) {
+        if self.append(record.clone()).is_err() {
+            self.apply(record.clone());
+            self.unrecorded.push(record);
+        }
+    }
+
+    /// Write the kept state changes and then `record`, and apply it; on failure nothing of it is
+    /// applied or left in the log.
     fn append(&mut self, record: Record) -> Result<(), LedgerError> {
-        let io_err = |source| LedgerError::Io { path: self.path.clone(), source };
-        let bytes = encode_record(&record);
-        self.log.write_all(&bytes).map_err(io_err)?;
+        self.flush_unrecorded()?;
+        self.write(&encode_record(&record))?;
         self.apply(record);
         self.records += 1;
-        if self.records > self.tiles.len() + self.compact_records {
-            self.compact()?;
+        if self.records > self.tiles.len() + self.compact_records
+            && let Err(e) = self.compact()
+        {
+            // the log stays valid, only longer: try again after another `compact_records` appends
+            log::debug!("{e}; the ledger is compacted later");
+            self.records = self.tiles.len();
+        }
+        Ok(())
+    }
+
+    /// Write the state changes kept in memory (already applied), all or none.
+    fn flush_unrecorded(&mut self) -> Result<(), LedgerError> {
+        if self.unrecorded.is_empty() {
+            return Ok(());
+        }
+        let bytes: Vec<u8> = self.unrecorded.iter().flat_map(encode_record).collect();
+        self.write(&bytes)?;
+        log::info!("{}: {} kept ledger record(s) written", self.path.display(), self.unrecorded.len());
+        self.records += self.unrecorded.len();
+        self.unrecorded.clear();
+        Ok(())
+    }
+
+    /// Append `bytes` to the log; warn once per spell of failures (it ends at the next successful
+    /// [`Ledger::sync`], so a nearly full disk that takes small records and refuses larger ones
+    /// does not warn at every append).
+    fn write(&mut self, bytes: &[u8]) -> Result<(), LedgerError> {
+        let result = self.write_or_cut(bytes);
+        if let Err(e) = &result
+            && !std::mem::replace(&mut self.failing, true)
+        {
+            log::warn!(
+                "{}: cannot write the ledger: {e}; new tiles wait until it can, trained and rejected tiles are kept in memory and no checkpoint is written until they are on disk: free space in the state folder (serve.state_dir)",
+                self.path.display()
+            );
+        }
+        result.map_err(|source| LedgerError::Io { path: self.path.clone(), source })
+    }
+
+    /// Append `bytes`; after a failed (perhaps partial) write, cut the log back to its length
+    /// before, so a later record never follows a torn one.
+    fn write_or_cut(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(len) = self.torn_at {
+            self.cut_to(len)?;
+        }
+        let len = self.log.seek(SeekFrom::End(0))?;
+        let written = self.write_log(bytes);
+        if written.is_err() {
+            self.torn_at = Some(len);
+            // failing here too leaves `torn_at` set: the next write cuts first
+            let _ = self.cut_to(len);
+        }
+        written
+    }
+
+    fn cut_to(&mut self, len: u64) -> io::Result<()> {
+        self.log.set_len(len)?;
+        self.log.seek(SeekFrom::End(0))?;
+        self.torn_at = None;
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn write_log(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.log.write_all(bytes)
+    }
+
+    /// As on a full disk once `room` is used up: what fits is written, then ENOSPC.
+    #[cfg(test)]
+    fn write_log(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(room) = self.room else { return self.log.write_all(bytes) };
+        let fits = room.min(bytes.len());
+        self.log.write_all(&bytes[..fits])?;
+        self.room = Some(room - fits);
+        if fits < bytes.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         Ok(())
     }
@@ -468,6 +586,9 @@ impl Ledger {
         fsio::write_atomic(&self.path, &bytes)?;
         self.log = OpenOptions::new().append(true).open(&self.path)?;
         self.records = self.tiles.len();
+        // the rewrite holds every state change kept in memory, and no torn record
+        self.unrecorded.clear();
+        self.torn_at = None;
         Ok(())
     }
 }
@@ -644,7 +765,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = filled(dir.path(), 100);
         ledger.mark_trained(TileId(2), 12).unwrap();
-        assert_eq!(ledger.requeue_trained_after(10).unwrap(), 1);
+        assert_eq!(ledger.requeue_trained_after(10), 1);
         let reopened = Ledger::open(dir.path(), 100).unwrap();
         assert_eq!(reopened.state(TileId(2)).unwrap(), &TileState::Pending);
         assert_eq!(reopened.state(TileId(0)).unwrap(), &TileState::Trained { step: 5 });
@@ -708,6 +829,70 @@ mod tests {
         let reopened = Ledger::open(dir.path(), 100).unwrap();
         assert_eq!(reopened.counts().seen, 0);
         assert_eq!(fs::read(dir.path().join("ledger.bin.damaged")).unwrap(), bytes);
+    }
+
+    fn log_len(dir: &Path) -> u64 {
+        fs::metadata(dir.join(LEDGER_FILE)).unwrap().len()
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_off_and_the_new_tile_is_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = filled(dir.path(), 100);
+        let (before, len) = (snapshot(&ledger), log_len(dir.path()));
+        ledger.room = Some(5); // the record's header is half written, then the disk is full
+        let err = ledger.observe(&identity("in/d.tif", 40, 4)).unwrap_err().to_string();
+        assert!(err.contains("No space left") && err.contains(LEDGER_FILE), "{err}");
+        assert_eq!(log_len(dir.path()), len, "the torn record is cut off");
+        assert_eq!(snapshot(&ledger), before, "nothing recorded");
+        ledger.room = None;
+        assert_eq!(ledger.observe(&identity("in/d.tif", 40, 4)).unwrap(), Observation::New(TileId(3)));
+        let reopened = Ledger::open(dir.path(), 100).unwrap();
+        assert_eq!(snapshot(&reopened), snapshot(&ledger));
+        assert!(!dir.path().join("ledger.bin.damaged").exists());
+    }
+
+    #[test]
+    fn marks_the_log_cannot_take_are_kept_until_it_can_and_sync_fails_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = filled(dir.path(), 100);
+        new_id(ledger.observe(&identity("in/d.tif", 40, 4)).unwrap());
+        let (on_disk, len) = (snapshot(&ledger), log_len(dir.path()));
+        ledger.room = Some(3);
+        ledger.mark_trained(TileId(2), 7).unwrap();
+        ledger.mark_rejected(TileId(3), "no usable patch").unwrap();
+        ledger.observe(&identity("in/moved.tif", 10, 1)).unwrap();
+        assert_eq!(ledger.counts(), Counts { seen: 4, trained: 2, rejected: 2, pending: 0 });
+        assert_eq!(ledger.identity(TileId(0)).unwrap().path, Path::new("in/moved.tif"));
+        assert!(ledger.sync().is_err(), "no checkpoint while marks are not on disk");
+        assert_eq!(log_len(dir.path()), len, "no torn record");
+        assert_eq!(ledger.unrecorded.len(), 3);
+        assert_eq!(
+            snapshot(&Ledger::open(dir.path(), 100).unwrap()),
+            on_disk,
+            "a kill now loses only the marks"
+        );
+        ledger.room = None;
+        ledger.sync().unwrap();
+        assert!(ledger.unrecorded.is_empty());
+        assert_eq!(snapshot(&Ledger::open(dir.path(), 100).unwrap()), snapshot(&ledger));
+    }
+
+    #[test]
+    fn requeues_the_log_cannot_take_are_kept_and_a_restart_requeues_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = filled(dir.path(), 100);
+        ledger.mark_trained(TileId(2), 12).unwrap();
+        drop(ledger);
+        let mut restarted = Ledger::open(dir.path(), 100).unwrap();
+        restarted.room = Some(0);
+        assert_eq!(restarted.requeue_trained_after(10), 1);
+        assert_eq!(restarted.state(TileId(2)).unwrap(), &TileState::Pending);
+        assert!(restarted.sync().is_err());
+        drop(restarted); // killed before the requeue was written
+        let mut again = Ledger::open(dir.path(), 100).unwrap();
+        assert_eq!(again.requeue_trained_after(10), 1);
+        assert_eq!(Ledger::open(dir.path(), 100).unwrap().state(TileId(2)).unwrap(), &TileState::Pending);
     }
 
     #[test]
