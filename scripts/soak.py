@@ -8,7 +8,7 @@ the moment a checkpoint's `.partial` folder or an export's `.onnx.tmp` file exis
 tiles it drops FIFOs, sockets, symbolic links to devices, dangling links and link loops, mode-000
 files (the service runs without CAP_DAC_OVERRIDE, so root cannot read them either) and copies of
 tiles already dropped. The state and exports folders are small tmpfs mounts that are filled up
-(state: all but a little, so checkpoints fail; exports: completely) and freed again; the state disk
+completely (checkpoints, ledger appends and exports fail) and freed again; the state disk
 is freed once per ten cycles while a service runs, which must then recover by itself.
 
 At the end the disks are freed, the service trains what is left and stops with SIGTERM, and the
