@@ -154,7 +154,8 @@ struct Service {
     watcher: Option<Watcher>,
     /// Trained tiles whose `stream.handled` waits for the next checkpoint.
     to_dispose: Vec<TileId>,
-    last_checkpoint: Option<(u64, Instant)>,
+    /// The step of the newest durable checkpoint (`None`: none yet).
+    last_checkpoint: Option<u64>,
     /// When the last checkpoint was attempted (or the service started): `checkpoint_every_secs`
     /// counts from here.
     checkpoint_clock: Instant,
@@ -231,7 +232,7 @@ impl Service {
             candidates: never,
             watcher: None,
             to_dispose: Vec::new(),
-            last_checkpoint: (step > 0).then(|| (step, Instant::now())),
+            last_checkpoint: (step > 0).then_some(step),
             checkpoint_clock: Instant::now(),
             health: CheckpointHealth::default(),
             untracked: Untracked::default(),
@@ -530,7 +531,7 @@ impl Service {
 
     /// The step of the last checkpoint written (0: none yet).
     fn durable_step(&self) -> u64 {
-        self.last_checkpoint.map_or(0, |(step, _)| step)
+        self.last_checkpoint.unwrap_or(0)
     }
 
     fn checkpoint_due(&self) -> bool {
@@ -577,7 +578,7 @@ impl Service {
         if self.export_due() {
             self.export(&dir);
         }
-        self.last_checkpoint = Some((self.step(), Instant::now()));
+        self.last_checkpoint = Some(self.step());
         for tile in std::mem::take(&mut self.to_dispose) {
             self.dispose_trained(tile);
         }
@@ -799,7 +800,7 @@ impl Service {
             watcher.stop();
         }
         let step = self.step();
-        let saved = self.last_checkpoint.is_some_and(|(s, _)| s == step);
+        let saved = self.last_checkpoint == Some(step);
         let result = if outcome.is_ok() && self.in_flight.is_empty() && step > 0 && !saved {
             self.checkpoint()
         } else {
