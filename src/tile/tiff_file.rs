@@ -161,16 +161,12 @@ impl TiffFile {
         self.load_chunk_ranges()?;
         let (offsets, counts) = self.chunk_ranges.as_ref().expect("loaded just above");
         let m = &self.meta;
-        let (cw, ch) = m.chunk;
-        let spp = if m.planar { 1 } else { m.samples };
-        let row_bytes = (cw * spp * m.sample_bytes) as u64;
+        let ch = m.chunk.1;
         let strips_per_plane = m.height.div_ceil(ch);
+        let full = self.chunk_bytes(ch, m.sample_bytes);
         let raw_bytes = |i: usize| match m.tiled {
-            true => (row_bytes * ch as u64, row_bytes * ch as u64),
-            false => {
-                let rows = ch.min(m.height - (i % strips_per_plane) * ch);
-                (row_bytes * rows as u64, row_bytes * ch as u64)
-            }
+            true => (full, full),
+            false => (self.chunk_bytes(ch.min(m.height - (i % strips_per_plane) * ch), m.sample_bytes), full),
         };
         let layout = chunks::ChunkLayout {
             noun: if m.tiled { "tile" } else { "strip" },
@@ -269,10 +265,15 @@ impl TiffFile {
 
     /// Bytes a chunk decompresses to: whole tiles (edge tiles are padded), strips cut at the bottom.
     fn declared_bytes(&self, place: ChunkPlace, sample_bytes: usize) -> u64 {
-        let (cw, ch) = self.meta.chunk;
+        let ch = self.meta.chunk.1;
         let rows = if self.meta.tiled { ch } else { ch.min(self.meta.height - place.y0) };
+        self.chunk_bytes(rows, sample_bytes)
+    }
+
+    /// Bytes of `rows` rows of one chunk (all samples of a pixel, or one plane's when planar).
+    fn chunk_bytes(&self, rows: usize, sample_bytes: usize) -> u64 {
         let spp = if self.meta.planar { 1 } else { self.meta.samples };
-        (cw * rows * spp * sample_bytes) as u64
+        (self.meta.chunk.0 * rows * spp * sample_bytes) as u64
     }
 
     fn copy_chunk(
