@@ -11,6 +11,7 @@
 //!   (dot-files, `*.tmp` and `*.part` are skipped).
 //! - [`for_each_patch`] streams the patches of one [`Input`] to a callback; [`read_patches`]
 //!   collects them.
+//! - [`PatchCache`] keeps decoded patches in memory up to a budget in bytes.
 //! - [`inspect()`] describes an input: format, size, bands, layout, georeference, statistics.
 //!
 //! Images larger than `tile.patch_px` are cut into `patch_px` windows every `stride_px` (partial
@@ -22,6 +23,7 @@
 
 mod bands;
 mod bigearthnet;
+mod cache;
 mod chunks;
 mod cut;
 mod error;
@@ -32,6 +34,7 @@ mod stacked;
 mod tiff_file;
 
 pub use bands::{BandStats, band_stats};
+pub use cache::{PatchCache, patch_bytes};
 pub use error::TileError;
 pub use inspect::{BandInfo, InputInfo, inspect};
 pub use resample::resize_bicubic;
