@@ -375,9 +375,17 @@ pub struct StreamConfig {
     /// After a rejection: `move` the file to `rejected/` with a `<name>.reason.txt`, or `record`
     /// the reason in the ledger only.
     pub rejected: RejectedPolicy,
-    /// Replay buffer size in patches (memory: about `C * H * W * 4` bytes each, 576 KB for 10 bands
-    /// at 120 px).
+    /// Replay buffer size in patches. They are stored on disk in `<state_dir>/replay/` (about
+    /// `C * H * W * 2` bytes each for 10 m bands, 288 KB for 10 bands at 120 px; bands that are not
+    /// whole DN / 10000, such as resampled 20 m bands, take 4 bytes a value).
     pub replay_capacity_patches: usize,
+    /// Memory for replay patches decoded from the store (MB); the least recently used leave first.
+    pub replay_memory_mb: u64,
+    /// Disk for the replay buffer's stored patches (MB). Once the next patch would pass it the
+    /// buffer stops growing and new patches replace stored ones; patches that older checkpoints
+    /// still name come on top until those checkpoints are gone. A full disk only keeps new
+    /// patches out of the buffer (they were trained); training goes on.
+    pub replay_disk_mb: u64,
     /// Which patch a full replay buffer evicts: `reservoir` (every patch seen equally likely to
     /// stay), `fifo` (the newest stay) or `min-redundancy` (the one whose teacher embedding is
     /// closest to another stored patch's goes; costs one pass over the buffer per patch trained).
@@ -399,6 +407,8 @@ impl Default for StreamConfig {
             handled: HandledPolicy::Keep,
             rejected: RejectedPolicy::Move,
             replay_capacity_patches: 1024,
+            replay_memory_mb: 512,
+            replay_disk_mb: 4096,
             replay_policy: ReplayPolicy::Reservoir,
             fresh_fraction: 0.5,
             ledger_compact_records: 10_000,
@@ -815,6 +825,8 @@ impl StreamConfig {
         }
         v.positive("stream.rescan_secs", self.rescan_secs as usize);
         v.positive("stream.replay_capacity_patches", self.replay_capacity_patches);
+        v.positive("stream.replay_memory_mb", self.replay_memory_mb as usize);
+        v.positive("stream.replay_disk_mb", self.replay_disk_mb as usize);
         if !(self.fresh_fraction > 0.0 && self.fresh_fraction <= 1.0) {
             v.fail("stream.fresh_fraction", format!("is {}; must be in (0, 1]", self.fresh_fraction));
         }
@@ -959,6 +971,7 @@ mod tests {
         assert_eq!((cfg.settle_ms, cfg.rescan_secs), (1000, 30));
         assert_eq!((cfg.handled, cfg.rejected), (HandledPolicy::Keep, RejectedPolicy::Move));
         assert_eq!(cfg.replay_capacity_patches, 1024);
+        assert_eq!((cfg.replay_memory_mb, cfg.replay_disk_mb), (512, 4096));
         assert_eq!(cfg.replay_policy, ReplayPolicy::Reservoir);
         assert_eq!(cfg.fresh_fraction, 0.5);
         assert_eq!(cfg.ledger_compact_records, 10_000);
@@ -983,7 +996,7 @@ mod tests {
     #[test]
     fn every_invalid_stream_value_is_reported_with_its_key() {
         let errs = errors_of(
-            "[stream]\nwatch_dir = \"\"\nrescan_secs = 0\nreplay_capacity_patches = 0\nfresh_fraction = 0.0\nledger_compact_records = 0\n",
+            "[stream]\nwatch_dir = \"\"\nrescan_secs = 0\nreplay_capacity_patches = 0\nreplay_memory_mb = 0\nreplay_disk_mb = 0\nfresh_fraction = 0.0\nledger_compact_records = 0\n",
         );
         let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
@@ -992,6 +1005,8 @@ mod tests {
                 "stream.watch_dir",
                 "stream.rescan_secs",
                 "stream.replay_capacity_patches",
+                "stream.replay_memory_mb",
+                "stream.replay_disk_mb",
                 "stream.fresh_fraction",
                 "stream.ledger_compact_records"
             ]

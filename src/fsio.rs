@@ -104,6 +104,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Write `bytes` to `path` through a temp sibling and a rename, without fsync: readers never see a
+/// partial file while the system runs, but after a crash the file may be empty or cut short until
+/// the caller fsynced it and its folder. For content-addressed files that are checked on read and
+/// synced in bulk before anything durable refers to them (the replay store).
+pub fn write_new_deferred(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = temp_sibling(path);
+    let result = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Rename `from` to `to` and fsync the destination directory so the rename survives a crash.
 pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;

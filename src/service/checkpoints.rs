@@ -2,6 +2,11 @@
 //! `step-<step>/`, holding the trainer ([`crate::dino::checkpoint`]: weights, optimiser moments,
 //! centre, RNG) and `serve.bin` (the mixer's whole state and the augmentation sample counter).
 //!
+//! `serve.bin` is postcard, format 3: the replay buffer as references into the replay store
+//! ([`crate::stream::store`], synced before the checkpoint is written), so its size grows with
+//! the number of stored patches and the bounded fresh queue, not with their bytes. Formats 1 and 2
+//! (the buffer's patches inside `serve.bin`) still load: their patches are written into the store.
+//!
 //! A checkpoint is written into `.partial-step-<step>/` and renamed into place once every file is
 //! complete and synced ([`fsio::rename_durable`]), so the previous checkpoint stays valid until
 //! the new one exists. Only then are checkpoints beyond the newest `keep` deleted. Loading takes the
@@ -16,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Precision;
 use crate::dino::{Trainer, checkpoint};
 use crate::fsio;
-use crate::stream::{MixerExtra, MixerState};
+use crate::stream::{LegacyMixerState, MixerExtra, MixerState, PatchStore};
 
 /// Folder (under the state folder) holding the checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -24,7 +29,9 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const SERVE_FILE: &str = "serve.bin";
 const PARTIAL_PREFIX: &str = ".partial-";
 const STEP_PREFIX: &str = "step-";
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
+/// `serve.bin` with the replay buffer's patches inside ([`LegacyMixerState`]).
+const FORMAT_WITH_PATCHES: u32 = 2;
 /// `serve.bin` before [`MixerExtra`]: format 2 without its last field.
 const FORMAT_WITHOUT_BATCH_COUNTS: u32 = 1;
 
@@ -46,6 +53,26 @@ impl ServeState {
     pub fn new(step: u64, next_sample_id: u64, mixer: MixerState) -> ServeState {
         ServeState { format: FORMAT, step, next_sample_id, mixer }
     }
+}
+
+/// `serve.bin` of formats 1 and 2: the buffer's patches inside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegacyServeState {
+    /// Format version (1 or 2).
+    pub format: u32,
+    /// The step this state belongs to.
+    pub step: u64,
+    /// The next augmentation sample id.
+    pub next_sample_id: u64,
+    /// The mixer, its buffer's patches included.
+    pub mixer: LegacyMixerState,
+}
+
+/// What a `serve.bin` holds.
+#[derive(Debug, Clone, PartialEq)]
+enum Decoded {
+    Current(ServeState),
+    WithPatches(LegacyServeState),
 }
 
 /// A checkpoint read back.
@@ -127,10 +154,16 @@ pub fn sweep_partials(state_dir: &Path) -> usize {
 /// The newest checkpoint that reads back completely, or `None` when there is none. The run goes
 /// on with the stored settings, but in the `precision` configured now (an execution choice, like
 /// the device).
-pub fn load_newest(state_dir: &Path, device: &Device, precision: Precision) -> Result<Option<Resumed>> {
+/// Buffer patches of a format-1 or -2 checkpoint are written into `store`.
+pub fn load_newest(
+    state_dir: &Path,
+    device: &Device,
+    precision: Precision,
+    store: &mut PatchStore,
+) -> Result<Option<Resumed>> {
     let root = dir(state_dir);
     for dir in list(&root)?.into_iter().rev() {
-        match load(&dir, device, precision) {
+        match load(&dir, device, precision, store) {
             Ok(state) => return Ok(Some(state)),
             Err(e) => log::warn!("{}: skipping this checkpoint: {e:#}", dir.display()),
         }
@@ -138,37 +171,50 @@ pub fn load_newest(state_dir: &Path, device: &Device, precision: Precision) -> R
     Ok(None)
 }
 
-fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Resumed> {
+fn load(dir: &Path, device: &Device, precision: Precision, store: &mut PatchStore) -> Result<Resumed> {
     let trainer = checkpoint::load_with(dir, device, |setup| setup.train.precision = precision)?;
     let path = dir.join(SERVE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let state =
+    let decoded =
         decode(&bytes).with_context(|| format!("{}: not a dinostream service state", path.display()))?;
-    if state.format != FORMAT {
-        anyhow::bail!("{}: format {} (this build reads {FORMAT})", path.display(), state.format);
+    let step = match &decoded {
+        Decoded::Current(state) => state.step,
+        Decoded::WithPatches(state) => state.step,
+    };
+    if step != trainer.state().step {
+        anyhow::bail!("{}: step {step} but the trainer is at step {}", path.display(), trainer.state().step);
     }
-    if state.step != trainer.state().step {
-        anyhow::bail!(
-            "{}: step {} but the trainer is at step {}",
-            path.display(),
-            state.step,
-            trainer.state().step
-        );
-    }
+    let state = match decoded {
+        Decoded::Current(state) => state,
+        Decoded::WithPatches(old) => {
+            log::info!(
+                "{}: format {} holds the replay buffer's patches; moving them into the replay store",
+                path.display(),
+                old.format
+            );
+            let mixer = old.mixer.into_stored(store);
+            ServeState { format: FORMAT, step: old.step, next_sample_id: old.next_sample_id, mixer }
+        }
+    };
     Ok(Resumed { trainer, state, dir: dir.to_path_buf() })
 }
 
-/// Read `serve.bin`. A format-1 file is a format-2 file without its last field (the mixer's
-/// [`MixerExtra`], the last field of the last field): it reads as one that ends with the default.
-fn decode(bytes: &[u8]) -> postcard::Result<ServeState> {
+/// Read `serve.bin` of any format this build knows. A format-1 file is a format-2 file without
+/// its last field (the mixer's [`MixerExtra`], the last field of the last field): it reads as one
+/// that ends with the default.
+fn decode(bytes: &[u8]) -> anyhow::Result<Decoded> {
     let (format, _) = postcard::take_from_bytes::<u32>(bytes)?;
-    if format != FORMAT_WITHOUT_BATCH_COUNTS {
-        return postcard::from_bytes(bytes);
-    }
-    let mut upgraded = bytes.to_vec();
-    upgraded.extend(postcard::to_stdvec(&MixerExtra::default())?);
-    let state: ServeState = postcard::from_bytes(&upgraded)?;
-    Ok(ServeState { format: FORMAT, ..state })
+    let legacy = match format {
+        FORMAT => return Ok(Decoded::Current(postcard::from_bytes(bytes)?)),
+        FORMAT_WITH_PATCHES => postcard::from_bytes(bytes)?,
+        FORMAT_WITHOUT_BATCH_COUNTS => {
+            let mut upgraded = bytes.to_vec();
+            upgraded.extend(postcard::to_stdvec(&MixerExtra::default())?);
+            postcard::from_bytes(&upgraded)?
+        }
+        other => anyhow::bail!("format {other} (this build reads {FORMAT} and, converting them, 1 and 2)"),
+    };
+    Ok(Decoded::WithPatches(legacy))
 }
 
 /// Complete checkpoint folders, oldest first.
@@ -217,8 +263,17 @@ mod tests {
     use crate::dino::step::tests::micro_trainer;
     use crate::stream::Mixer;
 
+    fn store(dir: &Path) -> PatchStore {
+        PatchStore::open(&dir.join(crate::stream::store::STORE_DIR), 1 << 20, 1 << 20).unwrap()
+    }
+
     fn state(step: u64) -> ServeState {
-        ServeState::new(step, 7 * step, Mixer::new(&StreamConfig::default(), step).state())
+        let dir = tempfile::tempdir().unwrap();
+        ServeState::new(step, 7 * step, Mixer::new(&StreamConfig::default(), step, store(dir.path())).state())
+    }
+
+    fn load_newest_in(dir: &Path, precision: Precision) -> Result<Option<Resumed>> {
+        load_newest(dir, &Device::Cpu, precision, &mut store(dir))
     }
 
     #[test]
@@ -228,7 +283,7 @@ mod tests {
         for step in [0, 0] {
             save(dir.path(), &trainer, &state(step), 2).unwrap();
         }
-        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::F32).unwrap().unwrap();
+        let resumed = load_newest_in(dir.path(), Precision::F32).unwrap().unwrap();
         assert_eq!(resumed.state, state(0));
         assert!(resumed.dir.ends_with("step-000000000000"));
         assert_eq!(list(&super::dir(dir.path())).unwrap().len(), 1);
@@ -242,33 +297,68 @@ mod tests {
         let fake = super::dir(dir.path()).join("step-000000000009");
         std::fs::create_dir_all(&fake).unwrap();
         std::fs::write(fake.join(SERVE_FILE), b"garbage").unwrap();
-        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::F32).unwrap().unwrap();
+        let resumed = load_newest_in(dir.path(), Precision::F32).unwrap().unwrap();
         assert_eq!(resumed.state.step, 0);
-        assert!(load_newest(&dir.path().join("nothing"), &Device::Cpu, Precision::F32).unwrap().is_none());
+        assert!(load_newest_in(&dir.path().join("nothing"), Precision::F32).unwrap().is_none());
     }
 
-    #[test]
-    fn a_format_1_state_reads_with_the_default_mixer_extra() {
-        let mut mixer = Mixer::new(&StreamConfig::default(), 3);
-        let patch = crate::tile::Patch {
-            data: vec![0.25; 4],
+    /// A format-2 `serve.bin` (patches inside) of one buffer patch and one fresh patch, as the
+    /// previous build wrote it.
+    fn format_2_state(dir: &Path) -> (LegacyServeState, crate::tile::Patch) {
+        let patch = |x: u32| crate::tile::Patch {
+            data: vec![0.25, 0.5, 0.1, 1.0 / 3.0],
             bands: vec!["B04".into()],
             height: 2,
             width: 2,
             source: "t.tif".into(),
-            window: crate::tile::Window { x: 0, y: 0, width: 2, height: 2 },
+            window: crate::tile::Window { x, y: 0, width: 2, height: 2 },
             nodata_fraction: 0.0,
         };
-        mixer.push_fresh(crate::stream::TileId(1), patch).unwrap();
-        let current = ServeState::new(5, 9, mixer.state());
-        let mut old =
-            postcard::to_stdvec(&ServeState { format: FORMAT_WITHOUT_BATCH_COUNTS, ..current.clone() })
-                .unwrap();
-        old.truncate(old.len() - postcard::to_stdvec(&MixerExtra::default()).unwrap().len());
-        assert_eq!(decode(&old).unwrap(), current);
-        let mut counted = current.clone();
-        counted.mixer.extra.batches = crate::stream::BatchCounts { fresh: 300, replay_only: 70_000 };
-        assert_eq!(decode(&postcard::to_stdvec(&counted).unwrap()).unwrap(), counted);
+        let mixer = Mixer::new(&StreamConfig::default(), 3, store(dir)).state();
+        let tile = crate::stream::TileId(1);
+        let legacy = LegacyMixerState {
+            rng: mixer.rng,
+            offered: 1,
+            buffer: vec![crate::stream::replay::StoredPatch::new(tile, &patch(0))],
+            fresh: vec![crate::stream::replay::StoredPatch::new(tile, &patch(2))],
+            tiles: vec![],
+            completed: vec![],
+            extra: MixerExtra { keys: vec![0], embeddings: vec![None], ..MixerExtra::default() },
+        };
+        (
+            LegacyServeState { format: FORMAT_WITH_PATCHES, step: 5, next_sample_id: 9, mixer: legacy },
+            patch(0),
+        )
+    }
+
+    #[test]
+    fn format_2_and_1_states_read_back_and_their_patches_move_into_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, stored_patch) = format_2_state(dir.path());
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), Decoded::WithPatches(old.clone()));
+        let mut format_1 = postcard::to_stdvec(&LegacyServeState { format: 1, ..old.clone() }).unwrap();
+        format_1.truncate(format_1.len() - postcard::to_stdvec(&MixerExtra::default()).unwrap().len());
+        let mut as_1 = old.clone();
+        (as_1.format, as_1.mixer.extra) = (1, MixerExtra::default());
+        assert_eq!(decode(&format_1).unwrap(), Decoded::WithPatches(as_1));
+        // a real checkpoint with that serve.bin loads, and the patch is replayed from the store
+        save(dir.path(), &micro_trainer(), &state(0), 2).unwrap();
+        let serve = super::dir(dir.path()).join("step-000000000000").join(SERVE_FILE);
+        std::fs::write(&serve, postcard::to_stdvec(&LegacyServeState { step: 0, ..old }).unwrap()).unwrap();
+        let mut store = store(dir.path());
+        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::F32, &mut store).unwrap().unwrap();
+        assert_eq!((resumed.state.format, resumed.state.mixer.buffer.len()), (FORMAT, 1));
+        let mut mixer = Mixer::restore(&StreamConfig::default(), resumed.state.mixer, store);
+        assert_eq!((mixer.fresh_len(), mixer.replay_len()), (1, 1));
+        let batch = mixer.next_batch(2).unwrap();
+        assert_eq!(batch.patches[0].window.x, 2, "the fresh patch first");
+        assert!(batch.patches[1].as_ref() == &stored_patch, "then the stored one, bit for bit");
+        assert_eq!(mixer.replay_len(), 2);
+        let mut batch_counts = state(0);
+        batch_counts.mixer.extra.batches = crate::stream::BatchCounts { fresh: 300, replay_only: 70_000 };
+        let bytes = postcard::to_stdvec(&batch_counts).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), Decoded::Current(batch_counts));
     }
 
     #[test]
@@ -290,7 +380,7 @@ mod tests {
     fn a_resumed_run_takes_the_configured_precision() {
         let dir = tempfile::tempdir().unwrap();
         save(dir.path(), &micro_trainer(), &state(0), 2).unwrap();
-        let resumed = load_newest(dir.path(), &Device::Cpu, Precision::Bf16).unwrap().unwrap();
+        let resumed = load_newest_in(dir.path(), Precision::Bf16).unwrap().unwrap();
         assert_eq!(resumed.trainer.setup().train.precision, Precision::Bf16);
     }
 }

@@ -561,8 +561,10 @@ impl Service {
     fn checkpoint(&mut self) -> Result<()> {
         self.checkpoint_clock = Instant::now();
         let state = ServeState::new(self.step(), self.next_sample_id, self.mixer.state());
+        let keep = self.cfg.serve.keep_checkpoints;
         let saved = self.ledger.sync().map_err(anyhow::Error::from).and_then(|()| {
-            let keep = self.cfg.serve.keep_checkpoints;
+            // the blobs the checkpoint names are durable before it is
+            self.mixer.store_mut().sync().context("replay store")?;
             checkpoints::save(&self.cfg.serve.state_dir, &self.trainer, &state, keep)
         });
         let dir = match saved {
@@ -574,7 +576,11 @@ impl Service {
             }
         };
         self.health.succeeded(self.step());
+        let collected = self.mixer.store_mut().checkpoint_written(keep);
         log::info!("checkpoint {}", dir.display());
+        if collected > 0 {
+            log::debug!("replay store: {collected} patch(es) no kept checkpoint names were deleted");
+        }
         if self.export_due() {
             self.export(&dir);
         }
@@ -773,6 +779,10 @@ impl Service {
             patch_queue: self.mixer.fresh_len(),
             batch_queue: self.in_flight.len(),
             replay_patches: self.mixer.replay_len(),
+            replay_disk_bytes: self.mixer.store().stats().disk_bytes,
+            replay_store_failures: self.mixer.store().stats().write_failures
+                + self.mixer.store().stats().read_failures,
+            replay_disk_full: self.mixer.replay_disk_full(),
             tiles_seen: counts.seen,
             tiles_trained: counts.trained,
             tiles_rejected: counts.rejected,
@@ -821,7 +831,9 @@ impl Service {
 /// The trainer, mixer, sample counter and step to continue from: the newest checkpoint, or a
 /// fresh run.
 fn resume_or_begin(cfg: &Config, device: &candle_core::Device) -> Result<(Trainer, Mixer, u64, u64)> {
-    if let Some(resumed) = checkpoints::load_newest(&cfg.serve.state_dir, device, cfg.train.precision)? {
+    let mut store = open_store(cfg)?;
+    let state_dir = &cfg.serve.state_dir;
+    if let Some(resumed) = checkpoints::load_newest(state_dir, device, cfg.train.precision, &mut store)? {
         let step = resumed.state.step;
         log::info!("resuming from {} (step {step})", resumed.dir.display());
         if let Some(init) = &cfg.model.init {
@@ -830,15 +842,25 @@ fn resume_or_begin(cfg: &Config, device: &candle_core::Device) -> Result<(Traine
                 init.display()
             );
         }
-        let mixer = Mixer::restore(&cfg.stream, resumed.state.mixer);
+        let mixer = Mixer::restore(&cfg.stream, resumed.state.mixer, store);
         return Ok((resumed.trainer, mixer, resumed.state.next_sample_id, step));
     }
     // The continual schedules replace the epoch span; it only sizes schedules nobody reads.
     let span = ScheduleSpan { epochs: 1, niter_per_ep: 1 };
     let setup = TrainerSetup::new(&cfg.model, &cfg.train, &cfg.tile.bands, cfg.augment.local_crops, span)?;
     let trainer = crate::dino::init::begin(setup, &cfg.augment, device)?;
-    let mixer = Mixer::new(&cfg.stream, cfg.train.seed ^ MIXER_SEED);
+    // nothing to resume from: no checkpoint names a stored patch
+    store.retire_unreferenced(true);
+    let mixer = Mixer::new(&cfg.stream, cfg.train.seed ^ MIXER_SEED, store);
     Ok((trainer, mixer, 0, 0))
+}
+
+/// The replay store in the state folder, with the configured budgets.
+fn open_store(cfg: &Config) -> Result<stream::PatchStore> {
+    let root = cfg.serve.state_dir.join(stream::store::STORE_DIR);
+    let (memory_mb, disk_mb) = (cfg.stream.replay_memory_mb, cfg.stream.replay_disk_mb);
+    stream::PatchStore::open(&root, memory_mb.saturating_mul(1 << 20), disk_mb.saturating_mul(1 << 20))
+        .with_context(|| format!("{}: cannot open the replay store", root.display()))
 }
 
 /// Complete-looking entries of `dir` (older than `settle`), as the watcher would report them.

@@ -38,6 +38,12 @@ pub struct Status {
     pub batch_queue: usize,
     /// Patches in the replay buffer.
     pub replay_patches: usize,
+    /// Bytes of the replay store on disk (referenced patches and those waiting for collection).
+    pub replay_disk_bytes: u64,
+    /// Replay patches that could not be written (disk full) or read back (damaged), since start.
+    pub replay_store_failures: u64,
+    /// The replay buffer stopped growing at `stream.replay_disk_mb`.
+    pub replay_disk_full: bool,
     /// Tiles ever seen.
     pub tiles_seen: u64,
     /// Tiles trained on.
@@ -78,7 +84,7 @@ impl Status {
     /// The periodic log line.
     pub fn line(&self) -> String {
         format!(
-            "step {} loss {} lr {:.3e} momentum {:.5} {:.1} samples/s busy {:.0}% | steps fresh {} replay-only {} | queues fresh {} batches {} replay {} | tiles seen {} trained {} rejected {} pending {} | teacher entropy {} kl {} cls std {}{}",
+            "step {} loss {} lr {:.3e} momentum {:.5} {:.1} samples/s busy {:.0}% | steps fresh {} replay-only {} | queues fresh {} batches {} replay {}{} | tiles seen {} trained {} rejected {} pending {} | teacher entropy {} kl {} cls std {}{}",
             self.step,
             shown(self.loss, 4),
             self.lr,
@@ -90,6 +96,7 @@ impl Status {
             self.patch_queue,
             self.batch_queue,
             self.replay_patches,
+            if self.replay_disk_full { " (stream.replay_disk_mb full)" } else { "" },
             self.tiles_seen,
             self.tiles_trained,
             self.tiles_rejected,

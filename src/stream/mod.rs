@@ -4,16 +4,21 @@
 //!   [`Candidate`]s (files and BigEarthNet patch folders).
 //! - [`ledger`]: the [`Ledger`] remembers every tile, its identity and its state across restarts.
 //! - [`replay`]: the [`Mixer`] builds each batch from fresh patches and a bounded replay buffer;
-//!   [`redundancy`]: the teacher embeddings its `min-redundancy` policy evicts by.
+//!   [`redundancy`]: the teacher embeddings its `min-redundancy` policy evicts by; [`store`]: the
+//!   content-addressed files on disk that hold the buffer's patches.
 //! - [`dispose_trained`] / [`dispose_rejected`]: what happens to a file once it was handled.
 
 pub mod ledger;
 pub mod redundancy;
 pub mod replay;
+pub mod store;
 pub mod watch;
 
 pub use ledger::{Counts, Identity, Ledger, LedgerError, Observation, TileId, TileState};
-pub use replay::{BatchCounts, Embedded, MixedBatch, Mixer, MixerExtra, MixerState, Pushed};
+pub use replay::{
+    BatchCounts, Embedded, LegacyMixerState, MixedBatch, Mixer, MixerExtra, MixerState, Pushed,
+};
+pub use store::{BlobId, PatchStore, StoreError, StoreStats};
 pub use watch::{Candidate, CandidateKind, WatchError, Watcher};
 
 use std::io;

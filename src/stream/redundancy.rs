@@ -66,6 +66,22 @@ impl Redundancy {
         }
     }
 
+    /// Remove slot `i`; the last slot takes its index (as `Vec::swap_remove`).
+    pub fn swap_remove(&mut self, i: usize) {
+        if i >= self.embeddings.len() {
+            return;
+        }
+        self.clear(i);
+        let last = self.embeddings.len() - 1;
+        self.embeddings.swap_remove(i);
+        self.nearest.swap_remove(i);
+        for (_, n) in self.nearest.iter_mut().flatten() {
+            if *n == last {
+                *n = i;
+            }
+        }
+    }
+
     /// The most redundant slot: the highest similarity to its nearest neighbour (lowest index on
     /// ties); `None` while fewer than two slots are embedded.
     pub fn most_redundant(&self) -> Option<usize> {
@@ -131,5 +147,9 @@ mod tests {
         assert_eq!(rebuilt.most_redundant(), index.most_redundant());
         let sims = |r: &Redundancy| r.nearest.iter().map(|n| n.map(|(s, _)| s)).collect::<Vec<_>>();
         assert_eq!(sims(&rebuilt), sims(&index));
+        index.swap_remove(1); // slot 3 (the twin of nothing now) moves to 1
+        let rebuilt = Redundancy::from_embeddings(index.embeddings().to_vec());
+        assert_eq!(index.embeddings().len(), 4);
+        assert_eq!((sims(&index), index.most_redundant()), (sims(&rebuilt), rebuilt.most_redundant()));
     }
 }

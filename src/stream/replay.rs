@@ -10,6 +10,12 @@
 //! embedding is most similar to another stored one ([`super::redundancy`]). The buffer never holds
 //! more than `replay_capacity_patches` patches, whatever arrives.
 //!
+//! The buffer holds references: its patches live in the [`PatchStore`] on disk (a bounded cache
+//! keeps recently used ones in memory), so it may hold far more patches than fit in RAM. It stops
+//! growing when the store's disk budget is reached (then it evicts as at capacity), a patch the
+//! store cannot write (disk full) stays out of it, and a stored patch that cannot be read back
+//! leaves it with a warning: training never stops for the store.
+//!
 //! Min-redundancy learns the embeddings from training: after each step the service hands back
 //! the teacher cls embedding of every sample's first global view ([`Mixer::record_embeddings`]).
 //! They take effect when batch `number + EMBEDDING_LAG_BATCHES` is mixed, a fixed point in the
@@ -20,8 +26,10 @@
 //! than a batch holds, every stored patch goes in once and the rest of the batch is drawn with
 //! repetition; each draw becomes its own sample, so it gets its own crops.
 //!
-//! The mixer's whole state (RNG position, buffer, fresh queue, per-tile progress, batch counts)
-//! is a plain [`MixerState`] value; restoring it continues the exact same sequence of batches.
+//! The mixer's whole state (RNG position, buffer references, fresh queue, per-tile progress, batch
+//! counts) is a plain [`MixerState`] value; restoring it over the same store continues the exact
+//! same sequence of batches. Its size grows with the number of references and the bounded fresh
+//! queue, never with the stored patches' bytes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -34,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ReplayPolicy, StreamConfig};
 use crate::stream::TileId;
 use crate::stream::redundancy::Redundancy;
+use crate::stream::store::{self, BlobId, Encoded, PatchStore};
 use crate::tile::{Patch, Window};
 
 /// Fresh patches that may wait for training at once (backpressure beyond this).
@@ -84,12 +93,24 @@ pub struct BatchCounts {
     pub replay_only: u64,
 }
 
-/// A patch with its tile, as stored in the buffer and the fresh queue.
+/// A fresh patch with its tile, waiting in the fresh queue.
 #[derive(Debug, Clone)]
 struct Slot {
     tile: TileId,
     patch: Arc<Patch>,
 }
+
+/// A patch in the replay buffer: its blob in the [`PatchStore`] and its tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferRef {
+    /// The tile it came from.
+    pub tile: TileId,
+    /// Its blob (the patch, with its source, window and nodata share).
+    pub blob: BlobId,
+}
+
+/// A batch member: replay key, tile and patch.
+type Member = (u64, TileId, Arc<Patch>);
 
 /// Ingest progress of a tile whose patches are (or were just) in the fresh queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,11 +132,15 @@ struct ReplayBuffer {
     capacity: usize,
     /// Patches ever offered (a patch's key is the count before it was offered).
     offered: u64,
-    slots: Vec<Slot>,
+    slots: Vec<BufferRef>,
     /// Key of each slot's patch.
     keys: Vec<u64>,
     /// Teacher embeddings of the slots (min-redundancy only).
     redundancy: Redundancy,
+    /// The disk budget stopped the buffer's growth (logged once).
+    budget_logged: bool,
+    /// The store failed the last write (logged once per spell of failures).
+    write_failing: bool,
 }
 
 impl ReplayBuffer {
@@ -127,30 +152,88 @@ impl ReplayBuffer {
             slots: Vec::new(),
             keys: Vec::new(),
             redundancy: Redundancy::default(),
+            budget_logged: false,
+            write_failing: false,
         }
     }
 
     /// Offer a trained patch; it may evict one (FIFO: the oldest; reservoir: Algorithm R;
     /// min-redundancy: the most redundant embedded one, the oldest while fewer than two are).
-    fn offer(&mut self, slot: Slot, rng: &mut ChaCha8Rng) {
+    /// The buffer grows while below capacity and within the store's disk budget; beyond the
+    /// budget it evicts as at capacity. A patch the store cannot write stays out.
+    fn offer(&mut self, slot: &Slot, rng: &mut ChaCha8Rng, store: &mut PatchStore) {
         let seen = self.offered;
         self.offered += 1;
-        if self.slots.len() < self.capacity {
-            self.slots.push(slot);
-            self.keys.push(seen);
-            self.redundancy.clear(self.slots.len() - 1);
-            return;
+        let len = self.slots.len();
+        if len < self.capacity {
+            let blob = store::encode(&slot.patch);
+            if store.fits(&blob) {
+                if let Some(stored) = self.put(slot, blob, store) {
+                    self.slots.push(stored);
+                    self.keys.push(seen);
+                    self.redundancy.clear(self.slots.len() - 1);
+                }
+                return;
+            }
+            self.budget_reached(store);
+            if len == 0 {
+                return;
+            }
         }
-        let oldest = (seen % self.capacity as u64) as usize;
+        let oldest = (seen % len as u64) as usize;
         let victim = match self.policy {
             ReplayPolicy::Fifo => oldest,
             ReplayPolicy::Reservoir => rng.random_range(0..=seen) as usize,
             ReplayPolicy::MinRedundancy => self.redundancy.most_redundant().unwrap_or(oldest),
         };
-        if victim < self.capacity {
-            self.slots[victim] = slot;
+        if victim < len
+            && let Some(stored) = self.put(slot, store::encode(&slot.patch), store)
+        {
+            store.release(self.slots[victim].blob);
+            self.slots[victim] = stored;
             self.keys[victim] = seen;
             self.redundancy.clear(victim);
+        }
+    }
+
+    /// Write `slot`'s patch as `blob` and reference it; `None` (logged once per spell) when the
+    /// store cannot write it.
+    fn put(&mut self, slot: &Slot, blob: Encoded, store: &mut PatchStore) -> Option<BufferRef> {
+        if let Err(e) = store.write(&blob) {
+            if !self.write_failing {
+                log::warn!(
+                    "{e}; trained patches stay out of the replay buffer until the store can write again"
+                );
+            }
+            self.write_failing = true;
+            return None;
+        }
+        self.write_failing = false;
+        store.acquire(blob.id);
+        store.cache(blob.id, Arc::clone(&slot.patch));
+        Some(BufferRef { tile: slot.tile, blob: blob.id })
+    }
+
+    fn budget_reached(&mut self, store: &PatchStore) {
+        if !self.budget_logged {
+            log::warn!(
+                "replay buffer: {} patches take the whole stream.replay_disk_mb ({} MB); it stops growing and new patches replace stored ones",
+                self.slots.len(),
+                store.budget_bytes() >> 20
+            );
+        }
+        self.budget_logged = true;
+    }
+
+    /// Remove the slots at `indices` (their blobs could not be read back).
+    fn drop_slots(&mut self, mut indices: Vec<usize>, store: &mut PatchStore) {
+        indices.sort_unstable();
+        indices.dedup();
+        for &i in indices.iter().rev() {
+            store.release(self.slots[i].blob);
+            self.slots.swap_remove(i);
+            self.keys.swap_remove(i);
+            self.redundancy.swap_remove(i);
         }
     }
 
@@ -168,6 +251,7 @@ pub struct Mixer {
     fresh_fraction: f64,
     rng: ChaCha8Rng,
     buffer: ReplayBuffer,
+    store: PatchStore,
     fresh: heapless::Deque<Slot, FRESH_CAPACITY>,
     tiles: BTreeMap<TileId, TileProgress>,
     completed: Vec<TileId>,
@@ -178,18 +262,29 @@ pub struct Mixer {
 
 impl Mixer {
     /// An empty mixer for `cfg` (`replay_capacity_patches`, `replay_policy`, `fresh_fraction`),
-    /// its RNG seeded with `seed`.
-    pub fn new(cfg: &StreamConfig, seed: u64) -> Mixer {
+    /// its RNG seeded with `seed`, its buffer's patches in `store`.
+    pub fn new(cfg: &StreamConfig, seed: u64, store: PatchStore) -> Mixer {
         Mixer {
             fresh_fraction: cfg.fresh_fraction,
             rng: ChaCha8Rng::seed_from_u64(seed),
             buffer: ReplayBuffer::new(cfg.replay_policy, cfg.replay_capacity_patches),
+            store,
             fresh: heapless::Deque::new(),
             tiles: BTreeMap::new(),
             completed: Vec::new(),
             batches: BatchCounts::default(),
             pending: VecDeque::new(),
         }
+    }
+
+    /// The replay store (for its numbers).
+    pub fn store(&self) -> &PatchStore {
+        &self.store
+    }
+
+    /// The replay store: sync it before a checkpoint, tell it when one was written.
+    pub fn store_mut(&mut self) -> &mut PatchStore {
+        &mut self.store
     }
 
     /// Queue a fresh patch of `tile`. A full queue hands the patch back: build a batch, then retry.
@@ -244,7 +339,12 @@ impl Mixer {
         self.buffer.slots.len()
     }
 
-    /// Patches ever batched as fresh (each entered the buffer once).
+    /// Whether the store's disk budget stopped the buffer's growth.
+    pub fn replay_disk_full(&self) -> bool {
+        self.buffer.budget_logged
+    }
+
+    /// Patches ever batched as fresh (each was offered to the buffer once).
     pub fn fresh_patches(&self) -> u64 {
         self.buffer.offered
     }
@@ -266,11 +366,13 @@ impl Mixer {
             used.push(slot);
         }
         let first_key = self.buffer.offered;
-        let fresh = used.iter().enumerate().map(|(k, slot)| (first_key + k as u64, slot.clone()));
-        let replayed: Vec<(u64, Slot)> = fresh.clone().chain(self.replayed(n_replay, &used)).collect();
-        let batch = self.batch(replayed, n_fresh);
-        for slot in used {
-            self.buffer.offer(slot, &mut self.rng);
+        let mut members: Vec<Member> = (used.iter().enumerate())
+            .map(|(k, slot)| (first_key + k as u64, slot.tile, Arc::clone(&slot.patch)))
+            .collect();
+        members.extend(self.replayed(n_replay, &used).expect("this batch's fresh patches are a pool"));
+        let batch = self.batch(members, n_fresh);
+        for slot in &used {
+            self.buffer.offer(slot, &mut self.rng, &mut self.store);
         }
         self.batches.fresh += 1;
         Some(batch)
@@ -283,21 +385,21 @@ impl Mixer {
             return None;
         }
         self.apply_embeddings();
-        let slots = self.replayed(batch_size, &[]);
-        let batch = self.batch(slots, 0);
+        let members = self.replayed(batch_size, &[])?;
+        let batch = self.batch(members, 0);
         self.batches.replay_only += 1;
         Some(batch)
     }
 
-    /// The batch of `slots` (with their keys), numbered as the next one.
-    fn batch(&self, slots: Vec<(u64, Slot)>, fresh: usize) -> MixedBatch {
+    /// The batch of `members`, numbered as the next one.
+    fn batch(&self, members: Vec<Member>, fresh: usize) -> MixedBatch {
         let number = self.batches.fresh + self.batches.replay_only;
         let mut batch =
             MixedBatch { patches: Vec::new(), tiles: Vec::new(), fresh, number, keys: Vec::new() };
-        for (key, slot) in slots {
+        for (key, tile, patch) in members {
             batch.keys.push(key);
-            batch.tiles.push(slot.tile);
-            batch.patches.push(slot.patch);
+            batch.tiles.push(tile);
+            batch.patches.push(patch);
         }
         batch
     }
@@ -345,27 +447,45 @@ impl Mixer {
 
     /// `n` patches to replay: distinct ones from the buffer while it holds `n`; otherwise every
     /// stored patch once and the rest drawn with repetition from the stored patches and this
-    /// batch's `fresh` ones. `n > 0` needs a stored or a fresh patch.
-    fn replayed(&mut self, n: usize, fresh: &[Slot]) -> Vec<(u64, Slot)> {
-        let stored = self.buffer.slots.len();
-        let distinct = n.min(stored);
-        let picks = rand::seq::index::sample(&mut self.rng, stored, distinct);
-        let mut out: Vec<(u64, Slot)> = picks.into_iter().map(|i| self.stored(i)).collect();
-        let pool = stored + fresh.len();
-        for _ in distinct..n {
-            let i = self.rng.random_range(0..pool);
-            out.push(if i < stored {
-                self.stored(i)
-            } else {
-                (self.buffer.offered + (i - stored) as u64, fresh[i - stored].clone())
-            });
+    /// batch's `fresh` ones. Stored patches that cannot be read leave the buffer and the draw is
+    /// made again; `None` when no patch is left to draw from.
+    fn replayed(&mut self, n: usize, fresh: &[Slot]) -> Option<Vec<Member>> {
+        loop {
+            let stored = self.buffer.slots.len();
+            if n > 0 && stored + fresh.len() == 0 {
+                return None;
+            }
+            let distinct = n.min(stored);
+            let mut picks = rand::seq::index::sample(&mut self.rng, stored, distinct).into_vec();
+            let pool = stored + fresh.len();
+            picks.extend((distinct..n).map(|_| self.rng.random_range(0..pool)));
+            match self.load(&picks, fresh) {
+                Ok(members) => return Some(members),
+                Err(unreadable) => self.buffer.drop_slots(unreadable, &mut self.store),
+            }
         }
-        out
     }
 
-    /// Buffer slot `i` with its key.
-    fn stored(&self, i: usize) -> (u64, Slot) {
-        (self.buffer.keys[i], self.buffer.slots[i].clone())
+    /// The members at `picks` (buffer slots, then `fresh`), or the slots that cannot be read.
+    fn load(&mut self, picks: &[usize], fresh: &[Slot]) -> Result<Vec<Member>, Vec<usize>> {
+        let stored = self.buffer.slots.len();
+        let mut members = Vec::with_capacity(picks.len());
+        let mut unreadable = Vec::new();
+        for &i in picks {
+            if let Some(slot) = i.checked_sub(stored).map(|j| &fresh[j]) {
+                members.push((self.buffer.offered + (i - stored) as u64, slot.tile, Arc::clone(&slot.patch)));
+                continue;
+            }
+            let BufferRef { tile, blob } = self.buffer.slots[i];
+            match self.store.get(blob) {
+                Ok(patch) => members.push((self.buffer.keys[i], tile, patch)),
+                Err(e) => {
+                    log::warn!("{e}; the patch leaves the replay buffer");
+                    unreadable.push(i);
+                }
+            }
+        }
+        if unreadable.is_empty() { Ok(members) } else { Err(unreadable) }
     }
 
     fn consumed(&mut self, tile: TileId) {
@@ -382,13 +502,15 @@ impl Mixer {
         }
     }
 
-    /// The whole state, for a checkpoint.
+    /// The whole state, for a checkpoint (sync the store before writing it).
     pub fn state(&self) -> MixerState {
         MixerState {
             rng: RngState::of(&self.rng),
             offered: self.buffer.offered,
-            buffer: self.buffer.slots.iter().map(StoredPatch::from).collect(),
-            fresh: self.fresh.iter().map(StoredPatch::from).collect(),
+            buffer: self.buffer.slots.clone(),
+            fresh: (self.fresh.iter())
+                .map(|slot| FreshPatch { tile: slot.tile, blob: store::encode(&slot.patch).bytes })
+                .collect(),
             tiles: self.tiles.iter().map(|(&t, &p)| (t, p)).collect(),
             completed: self.completed.clone(),
             extra: MixerExtra {
@@ -400,14 +522,16 @@ impl Mixer {
         }
     }
 
-    /// A mixer that continues exactly where `state` was taken. Tiles that were still being
-    /// ingested skip the patches already pushed when they are pushed again.
-    pub fn restore(cfg: &StreamConfig, state: MixerState) -> Mixer {
-        let mut mixer = Mixer::new(cfg, 0);
+    /// A mixer that continues exactly where `state` was taken, its buffer's patches in `store`.
+    /// Tiles that were still being ingested skip the patches already pushed when they are pushed
+    /// again. References to blobs the store lacks are dropped with a warning; blobs the state
+    /// does not reference wait for collection.
+    pub fn restore(cfg: &StreamConfig, state: MixerState, store: PatchStore) -> Mixer {
+        let mut mixer = Mixer::new(cfg, 0, store);
         mixer.rng = state.rng.rng();
         mixer.buffer.offered = state.offered;
-        mixer.buffer.slots = state.buffer.into_iter().map(Slot::from).collect();
-        let n = mixer.buffer.slots.len();
+        let mut slots = state.buffer;
+        let n = slots.len();
         let MixerExtra { batches, mut keys, mut embeddings, pending } = state.extra;
         if keys.len() != n {
             // a checkpoint from before the keys: any keys below `offered` are unique and unused
@@ -419,16 +543,37 @@ impl Mixer {
                 "replay buffer: the checkpoint holds {n} patches, stream.replay_capacity_patches is {}; dropping the rest",
                 mixer.buffer.capacity
             );
-            mixer.buffer.slots.truncate(mixer.buffer.capacity);
+            slots.truncate(mixer.buffer.capacity);
             keys.truncate(mixer.buffer.capacity);
             embeddings.truncate(mixer.buffer.capacity);
         }
-        mixer.buffer.keys = keys;
-        mixer.buffer.redundancy = Redundancy::from_embeddings(embeddings);
+        let mut kept = (Vec::new(), Vec::new(), Vec::new());
+        for ((slot, key), embedding) in slots.into_iter().zip(keys).zip(embeddings) {
+            if mixer.store.acquire(slot.blob) {
+                kept.0.push(slot);
+                kept.1.push(key);
+                kept.2.push(embedding);
+            } else {
+                let path = mixer.store.path(slot.blob);
+                log::warn!("{}: stored replay patch missing; it leaves the replay buffer", path.display());
+            }
+        }
+        mixer.store.retire_unreferenced(false);
+        (mixer.buffer.slots, mixer.buffer.keys) = (kept.0, kept.1);
+        mixer.buffer.redundancy = Redundancy::from_embeddings(kept.2);
         mixer.batches = batches;
         mixer.pending = pending.into();
-        for stored in state.fresh {
-            if mixer.fresh.push_back(Slot::from(stored)).is_err() {
+        for fresh in state.fresh {
+            let patch = match store::decode(&fresh.blob) {
+                Ok(patch) => patch,
+                Err(reason) => {
+                    log::warn!(
+                        "replay: a fresh patch of the checkpoint is damaged ({reason}); it is skipped"
+                    );
+                    continue;
+                }
+            };
+            if mixer.fresh.push_back(Slot { tile: fresh.tile, patch: Arc::new(patch) }).is_err() {
                 log::warn!(
                     "replay: more fresh patches in the checkpoint than fit the queue; the rest is re-ingested"
                 );
@@ -442,27 +587,36 @@ impl Mixer {
     }
 }
 
-/// Everything a [`Mixer`] needs to continue bit-exactly: plain, serialisable data.
+/// Everything a [`Mixer`] needs to continue bit-exactly over its store: plain, serialisable data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixerState {
     /// RNG position.
     pub rng: RngState,
     /// Patches ever offered to the buffer (reservoir and FIFO positions depend on it).
     pub offered: u64,
-    /// Replay buffer contents, slot by slot.
-    pub buffer: Vec<StoredPatch>,
-    /// Fresh queue contents, oldest first.
-    pub fresh: Vec<StoredPatch>,
+    /// Replay buffer references, slot by slot.
+    pub buffer: Vec<BufferRef>,
+    /// Fresh queue contents, oldest first (at most [`FRESH_CAPACITY`]).
+    pub fresh: Vec<FreshPatch>,
     /// Tiles being ingested or in the fresh queue.
     pub tiles: Vec<(TileId, TileProgress)>,
     /// Completed tiles not yet taken.
     pub completed: Vec<TileId>,
-    /// What was added after the first format. The last field: a checkpoint written before it
-    /// existed reads as one that ends with `MixerExtra::default()` (see `service::checkpoints`).
+    /// Batch counts, keys, embeddings.
     pub extra: MixerExtra,
 }
 
-/// The part of a [`MixerState`] added after the first checkpoint format.
+/// A fresh patch in a [`MixerState`]: its tile and the patch encoded as a store blob (not
+/// written to the store: fresh patches are not stored before they enter the buffer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FreshPatch {
+    /// The tile it came from.
+    pub tile: TileId,
+    /// [`store::encode`]'s bytes.
+    pub blob: Vec<u8>,
+}
+
+/// The part of a mixer state added after the first checkpoint format.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MixerExtra {
     /// Batches built so far, by kind.
@@ -485,6 +639,72 @@ impl MixerState {
     /// Decode what [`MixerState::to_bytes`] wrote.
     pub fn from_bytes(bytes: &[u8]) -> Result<MixerState, postcard::Error> {
         postcard::from_bytes(bytes)
+    }
+}
+
+/// The mixer state of checkpoint formats 1 and 2 (`serve.bin` before the replay store): the
+/// buffer's patches themselves. [`LegacyMixerState::into_stored`] moves them into the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegacyMixerState {
+    /// RNG position.
+    pub rng: RngState,
+    /// Patches ever offered to the buffer.
+    pub offered: u64,
+    /// Replay buffer contents, slot by slot.
+    pub buffer: Vec<StoredPatch>,
+    /// Fresh queue contents, oldest first.
+    pub fresh: Vec<StoredPatch>,
+    /// Tiles being ingested or in the fresh queue.
+    pub tiles: Vec<(TileId, TileProgress)>,
+    /// Completed tiles not yet taken.
+    pub completed: Vec<TileId>,
+    /// Added by format 2; the last field: a format-1 file reads as one that ends with
+    /// `MixerExtra::default()` (see `service::checkpoints`).
+    pub extra: MixerExtra,
+}
+
+impl LegacyMixerState {
+    /// The current state: the buffer's patches written into `store` (durable after its next
+    /// sync). A patch the store cannot write leaves the buffer with a warning.
+    pub fn into_stored(self, store: &mut PatchStore) -> MixerState {
+        let n = self.buffer.len();
+        let MixerExtra { batches, mut keys, mut embeddings, pending } = self.extra;
+        let aligned = keys.len() == n;
+        embeddings.resize(n, None);
+        let mut buffer = Vec::with_capacity(n);
+        let mut written = vec![false; n];
+        for (i, stored) in self.buffer.into_iter().enumerate() {
+            let (tile, patch) = stored.into_patch();
+            let blob = store::encode(&patch);
+            match store.write(&blob) {
+                Ok(()) => {
+                    buffer.push(BufferRef { tile, blob: blob.id });
+                    written[i] = true;
+                }
+                Err(e) => log::warn!("{e}; this patch of the checkpoint leaves the replay buffer"),
+            }
+        }
+        let mut at = written.iter();
+        embeddings.retain(|_| *at.next().expect("one flag per slot"));
+        if aligned {
+            let mut at = written.iter();
+            keys.retain(|_| *at.next().expect("one flag per slot"));
+        }
+        let fresh = (self.fresh.into_iter())
+            .map(|stored| {
+                let (tile, patch) = stored.into_patch();
+                FreshPatch { tile, blob: store::encode(&patch).bytes }
+            })
+            .collect();
+        MixerState {
+            rng: self.rng,
+            offered: self.offered,
+            buffer,
+            fresh,
+            tiles: self.tiles,
+            completed: self.completed,
+            extra: MixerExtra { batches, keys, embeddings, pending },
+        }
     }
 }
 
@@ -512,7 +732,7 @@ impl RngState {
     }
 }
 
-/// A [`Patch`] with its tile, as serialisable data.
+/// A [`Patch`] with its tile, as checkpoint formats 1 and 2 held it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredPatch {
     /// The tile it came from.
@@ -533,40 +753,56 @@ pub struct StoredPatch {
     pub nodata_fraction: f32,
 }
 
-impl From<&Slot> for StoredPatch {
-    fn from(slot: &Slot) -> Self {
-        let p = &slot.patch;
+impl StoredPatch {
+    /// `patch` of `tile` as a format-2 checkpoint held it.
+    pub fn new(tile: TileId, patch: &Patch) -> StoredPatch {
         StoredPatch {
-            tile: slot.tile,
-            data: p.data.clone(),
-            bands: p.bands.clone(),
-            height: p.height,
-            width: p.width,
-            source: p.source.to_string_lossy().into_owned(),
-            window: p.window,
-            nodata_fraction: p.nodata_fraction,
+            tile,
+            data: patch.data.clone(),
+            bands: patch.bands.clone(),
+            height: patch.height,
+            width: patch.width,
+            source: patch.source.to_string_lossy().into_owned(),
+            window: patch.window,
+            nodata_fraction: patch.nodata_fraction,
         }
     }
-}
 
-impl From<StoredPatch> for Slot {
-    fn from(s: StoredPatch) -> Self {
+    fn into_patch(self) -> (TileId, Patch) {
         let patch = Patch {
-            data: s.data,
-            bands: s.bands,
-            height: s.height,
-            width: s.width,
-            source: PathBuf::from(s.source),
-            window: s.window,
-            nodata_fraction: s.nodata_fraction,
+            data: self.data,
+            bands: self.bands,
+            height: self.height,
+            width: self.width,
+            source: PathBuf::from(self.source),
+            window: self.window,
+            nodata_fraction: self.nodata_fraction,
         };
-        Slot { tile: s.tile, patch: Arc::new(patch) }
+        (self.tile, patch)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tempfile::TempDir;
+
+    /// A store in a new temp folder (keep the folder alive), 1 MB in memory, 1 GB on disk.
+    fn store() -> (PatchStore, TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (PatchStore::open(dir.path(), 1 << 20, 1 << 30).unwrap(), dir)
+    }
+
+    /// A mixer over a store in a new temp folder.
+    fn new_mixer(c: &StreamConfig, seed: u64) -> (Mixer, TempDir) {
+        let (store, dir) = store();
+        (Mixer::new(c, seed, store), dir)
+    }
+
+    /// A second store over `dir` (what a restarted service opens).
+    fn reopen(dir: &TempDir) -> PatchStore {
+        PatchStore::open(dir.path(), 1 << 20, 1 << 30).unwrap()
+    }
 
     /// A 1x2x2 patch whose values and window encode `n`.
     fn patch(n: u32) -> Patch {
@@ -613,9 +849,10 @@ mod tests {
         let mut per_decile = [0u32; 10];
         for seed in 0..20 {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let (mut store, _dir) = store();
             let mut buffer = ReplayBuffer::new(ReplayPolicy::Reservoir, 100);
             for n in 0..10_000 {
-                buffer.offer(Slot { tile: TileId(n), patch: Arc::new(patch(0)) }, &mut rng);
+                buffer.offer(&Slot { tile: TileId(n), patch: Arc::new(patch(0)) }, &mut rng, &mut store);
             }
             assert_eq!(buffer.slots.len(), 100);
             for slot in &buffer.slots {
@@ -629,9 +866,10 @@ mod tests {
     #[test]
     fn fifo_keeps_the_newest_patches() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let (mut store, _dir) = store();
         let mut buffer = ReplayBuffer::new(ReplayPolicy::Fifo, 10);
         for n in 0..95 {
-            buffer.offer(Slot { tile: TileId(n), patch: Arc::new(patch(0)) }, &mut rng);
+            buffer.offer(&Slot { tile: TileId(n), patch: Arc::new(patch(0)) }, &mut rng, &mut store);
         }
         let mut kept: Vec<u64> = buffer.slots.iter().map(|s| s.tile.0).collect();
         kept.sort();
@@ -640,7 +878,7 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_however_many_patches_arrive() {
-        let mut mixer = Mixer::new(&cfg(50, ReplayPolicy::Reservoir, 0.5), 1);
+        let (mut mixer, _dir) = new_mixer(&cfg(50, ReplayPolicy::Reservoir, 0.5), 1);
         let mut refused = 0;
         for n in 0..10_000 {
             if mixer.push_fresh(TileId(n), patch(n as u32)).is_err() {
@@ -657,7 +895,7 @@ mod tests {
 
     #[test]
     fn batches_mix_fresh_and_replayed_patches_by_the_configured_share() {
-        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.25), 3);
+        let (mut mixer, _dir) = new_mixer(&cfg(100, ReplayPolicy::Reservoir, 0.25), 3);
         for n in 0..8 {
             mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
         }
@@ -685,7 +923,7 @@ mod tests {
 
     #[test]
     fn replay_only_batches_come_from_trained_patches_once_the_fresh_queue_is_empty() {
-        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.5), 5);
+        let (mut mixer, _dir) = new_mixer(&cfg(100, ReplayPolicy::Reservoir, 0.5), 5);
         assert!(mixer.next_replay_batch(4).is_none(), "nothing stored yet");
         for n in 0..6 {
             mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
@@ -705,7 +943,7 @@ mod tests {
 
     #[test]
     fn fewer_patches_than_a_batch_still_make_batches_with_every_patch_in_them() {
-        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 0.5), 9);
+        let (mut mixer, _dir) = new_mixer(&cfg(100, ReplayPolicy::Reservoir, 0.5), 9);
         for n in 0..3 {
             mixer.push_fresh(TileId(n), patch(n as u32)).unwrap();
         }
@@ -722,7 +960,7 @@ mod tests {
 
     #[test]
     fn a_tile_completes_when_its_last_patch_was_batched() {
-        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Reservoir, 1.0), 0);
+        let (mut mixer, _dir) = new_mixer(&cfg(100, ReplayPolicy::Reservoir, 1.0), 0);
         for n in 0..3 {
             mixer.push_fresh(TileId(7), patch(n)).unwrap();
         }
@@ -739,7 +977,7 @@ mod tests {
     #[test]
     fn restored_state_continues_with_the_same_batches() {
         let c = cfg(16, ReplayPolicy::Reservoir, 0.5);
-        let mut straight = Mixer::new(&c, 42);
+        let (mut straight, _dir) = new_mixer(&c, 42);
         let first = feed(&mut straight, 0, 40, 6);
         // a tile half pushed at the checkpoint
         for n in 40..43 {
@@ -747,7 +985,7 @@ mod tests {
         }
         let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
         assert_eq!(saved, straight.state());
-        let mut resumed = Mixer::restore(&c, saved);
+        let mut resumed = Mixer::restore(&c, saved, reopen(&_dir));
         // re-ingest of the half-pushed tile: its first three patches are dropped
         for n in 40..46 {
             let r = resumed.push_fresh(TileId(40), patch(n)).unwrap();
@@ -769,10 +1007,10 @@ mod tests {
             out
         };
         let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
-        let (a, b) = (rehearse(&mut straight), rehearse(&mut Mixer::restore(&c, saved)));
+        let (a, b) = (rehearse(&mut straight), rehearse(&mut Mixer::restore(&c, saved, reopen(&_dir))));
         assert_eq!(a, b, "replay-only batches continue the same way after a restore");
         let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
-        resumed = Mixer::restore(&c, saved);
+        resumed = Mixer::restore(&c, saved, reopen(&_dir));
         assert_eq!(straight.take_completed(), resumed.take_completed());
         assert_eq!(straight.state(), resumed.state());
     }
@@ -807,8 +1045,9 @@ mod tests {
         batches
     }
 
-    fn kept(mixer: &Mixer) -> Vec<u32> {
-        let mut kept: Vec<u32> = mixer.buffer.slots.iter().map(|s| s.patch.window.x).collect();
+    fn kept(mixer: &mut Mixer) -> Vec<u32> {
+        let blobs: Vec<BlobId> = mixer.buffer.slots.iter().map(|s| s.blob).collect();
+        let mut kept: Vec<u32> = blobs.iter().map(|&b| mixer.store.get(b).unwrap().window.x).collect();
         kept.sort();
         kept
     }
@@ -816,9 +1055,9 @@ mod tests {
     #[test]
     fn min_redundancy_keeps_the_distinct_patches_that_reservoir_sampling_loses() {
         let run = |policy| {
-            let mut mixer = Mixer::new(&cfg(10, policy, 0.5), 4);
+            let (mut mixer, _dir) = new_mixer(&cfg(10, policy, 0.5), 4);
             stream_with_embeddings(&mut mixer, 0, 60);
-            kept(&mixer)
+            kept(&mut mixer)
         };
         let minred = run(ReplayPolicy::MinRedundancy);
         assert_eq!(minred.len(), 10);
@@ -830,11 +1069,11 @@ mod tests {
     #[test]
     fn min_redundancy_state_with_embeddings_in_flight_restores_exactly() {
         let c = cfg(10, ReplayPolicy::MinRedundancy, 0.5);
-        let mut straight = Mixer::new(&c, 8);
+        let (mut straight, _dir) = new_mixer(&c, 8);
         stream_with_embeddings(&mut straight, 0, 31);
         let saved = MixerState::from_bytes(&straight.state().to_bytes()).unwrap();
         assert!(!saved.extra.pending.is_empty() && saved.extra.embeddings.iter().any(Option::is_some));
-        let mut resumed = Mixer::restore(&c, saved);
+        let mut resumed = Mixer::restore(&c, saved, reopen(&_dir));
         let (a, b) =
             (stream_with_embeddings(&mut straight, 31, 80), stream_with_embeddings(&mut resumed, 31, 80));
         assert_eq!(a, b);
