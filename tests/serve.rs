@@ -521,11 +521,50 @@ fn with_min_redundancy_replacement_a_run_killed_during_rehearsal_also_resumes_bi
     );
 }
 
+#[test]
+fn a_run_killed_after_the_replay_store_evicted_and_collected_resumes_bit_identically_and_keeps_only_named_patches()
+ {
+    // 22 patches through 8 slots of the disk store, one checkpoint kept: evicted patches are
+    // deleted once the only checkpoint left no longer names them, before and after the kill.
+    let runs = kill_9_during_rehearsal_then_resume_matches_a_straight_run_with(
+        "keep_checkpoints = 1\n",
+        "replay_policy = \"fifo\"\nreplay_capacity_patches = 8\nreplay_memory_mb = 1\n",
+    );
+    for run in &runs {
+        let blobs = patch_files(&run.path("state/replay"));
+        assert_eq!(run.stat("replay_patches"), 8);
+        assert_eq!(blobs.len(), 8, "only the 8 patches the buffer names are left: {blobs:?}\n{}", run.log());
+    }
+}
+
+/// The blob files under a replay store folder.
+fn patch_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for shard in fs::read_dir(dir).unwrap().flatten() {
+        for entry in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "patch") {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
 /// A straight run and one killed during rehearsal (then resumed) with `stream_extra`, both to
 /// step 30: same weights, bit for bit.
 fn kill_9_during_rehearsal_then_resume_matches_a_straight_run(stream_extra: &str) {
+    kill_9_during_rehearsal_then_resume_matches_a_straight_run_with("", stream_extra);
+}
+
+/// [`kill_9_during_rehearsal_then_resume_matches_a_straight_run`] with `serve_extra` too; returns
+/// the straight and the resumed run.
+fn kill_9_during_rehearsal_then_resume_matches_a_straight_run_with(
+    serve_extra: &str,
+    stream_extra: &str,
+) -> Vec<Service> {
     // 22 patches in batches of 4: ten batches with fresh patches, then replay-only ones.
-    let cfg = config("checkpoint_every_steps = 3\ncheckpoint_every_secs = 3600\n", 4, stream_extra);
+    let serve = format!("checkpoint_every_steps = 3\ncheckpoint_every_secs = 3600\n{serve_extra}");
+    let cfg = config(&serve, 4, stream_extra);
     let runs: Vec<Service> = [false, true]
         .into_iter()
         .map(|kill| {
@@ -562,4 +601,5 @@ fn kill_9_during_rehearsal_then_resume_matches_a_straight_run(stream_extra: &str
             assert!(x == y, "{file}: {name} differs between the straight and the resumed run");
         }
     }
+    runs
 }

@@ -1079,4 +1079,122 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(straight.state(), resumed.state());
     }
+
+    /// A `side` x `side` one-band patch whose values (whole DN / 10000) and window encode `n`.
+    fn square(n: u32, side: usize) -> Patch {
+        Patch {
+            data: (0..side * side).map(|i| ((n as usize * 7 + i) % 60_000) as f32 / 10000.0).collect(),
+            bands: vec!["B04".into()],
+            height: side,
+            width: side,
+            source: PathBuf::from("t.tif"),
+            window: Window { x: n, y: 0, width: side as u32, height: side as u32 },
+            nodata_fraction: 0.0,
+        }
+    }
+
+    /// Push `n` patches of `side` px through `mixer` in batches of 8, as tiles 0..n, until each
+    /// was offered to the buffer.
+    fn fill(mixer: &mut Mixer, n: u32, side: usize) {
+        for i in 0..n {
+            mixer.push_fresh(TileId(i as u64), square(i, side)).unwrap();
+            mixer.finish_tile(TileId(i as u64));
+            if mixer.fresh_len() == 8 {
+                mixer.next_batch(8).unwrap();
+            }
+        }
+        while mixer.next_batch(8).is_some() {}
+        assert_eq!(mixer.fresh_patches(), u64::from(n));
+    }
+
+    #[test]
+    fn a_damaged_or_missing_stored_patch_leaves_the_buffer_and_batches_go_on() {
+        let (mut mixer, _dir) = new_mixer(&cfg(100, ReplayPolicy::Fifo, 0.5), 2);
+        fill(&mut mixer, 16, 4);
+        assert_eq!(mixer.replay_len(), 16);
+        let blobs: Vec<BlobId> = mixer.buffer.slots.iter().map(|s| s.blob).collect();
+        // evict from memory, then damage one blob and delete another
+        mixer.store = reopen(&_dir);
+        for &b in &blobs {
+            assert!(mixer.store.acquire(b));
+        }
+        let damaged = mixer.store.path(blobs[3]);
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(&damaged, bytes).unwrap();
+        std::fs::remove_file(mixer.store.path(blobs[9])).unwrap();
+        for _ in 0..4 {
+            let batch = mixer.next_replay_batch(16).expect("the readable patches still make batches");
+            assert_eq!(batch.patches.len(), 16);
+            assert!(batch.patches.iter().all(|p| p.window.x != 3 && p.window.x != 9));
+        }
+        assert_eq!(mixer.replay_len(), 14);
+        assert_eq!(mixer.store.stats().read_failures, 2);
+        assert!(!mixer.buffer.slots.iter().any(|s| s.blob == blobs[3] || s.blob == blobs[9]));
+    }
+
+    #[test]
+    fn the_memory_budget_holds_while_100_000_patches_pass_through_the_store() {
+        let mut c = cfg(20_000, ReplayPolicy::Fifo, 0.5);
+        c.replay_memory_mb = 1;
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 64 * 1024;
+        let mut mixer = Mixer::new(&c, 6, PatchStore::open(dir.path(), budget, 1 << 30).unwrap());
+        for i in 0..100_000u32 {
+            mixer.push_fresh(TileId(i as u64), square(i, 8)).unwrap();
+            if mixer.fresh_len() == 8 {
+                mixer.next_batch(16).unwrap();
+            }
+            if i % 5_000 == 4_999 {
+                mixer.next_replay_batch(64).unwrap();
+                assert!(mixer.store.stats().cache_bytes <= budget as usize);
+                mixer.store.sync().unwrap();
+                mixer.store.checkpoint_written(1);
+            }
+        }
+        let stats = mixer.store.stats();
+        assert_eq!(mixer.replay_len(), 20_000);
+        assert!(stats.cache_bytes <= budget as usize && stats.cache_bytes > budget as usize / 2, "{stats:?}");
+        assert!(stats.blobs <= 20_000 + 5_000, "evicted blobs were collected: {stats:?}");
+    }
+
+    #[test]
+    fn the_state_grows_with_the_number_of_stored_patches_not_their_size() {
+        let sizes: Vec<usize> = [8, 64]
+            .into_iter()
+            .map(|side| {
+                let (mut mixer, _dir) = new_mixer(&cfg(100, ReplayPolicy::Reservoir, 0.5), 1);
+                fill(&mut mixer, 200, side);
+                assert_eq!((mixer.replay_len(), mixer.fresh_len()), (100, 0));
+                mixer.state().to_bytes().len()
+            })
+            .collect();
+        assert_eq!(sizes[0], sizes[1]);
+        assert!(sizes[0] < 100 * 40, "{} bytes for 100 references", sizes[0]);
+    }
+
+    #[test]
+    fn past_the_disk_budget_the_buffer_stops_growing_and_replaces_patches_as_at_capacity() {
+        let blob_bytes = store::encode(&square(0, 4)).bytes.len() as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let store = PatchStore::open(dir.path(), 1 << 20, 10 * blob_bytes + blob_bytes / 2).unwrap();
+        let mut mixer = Mixer::new(&cfg(100, ReplayPolicy::Fifo, 0.5), 1, store);
+        fill(&mut mixer, 40, 4);
+        assert_eq!(mixer.replay_len(), 10);
+        assert!(mixer.replay_disk_full());
+        assert_eq!(kept(&mut mixer), (30..40).collect::<Vec<_>>(), "FIFO keeps the newest ten");
+    }
+
+    #[test]
+    fn a_patch_the_store_cannot_write_stays_out_of_the_buffer_and_training_goes_on() {
+        let (mut mixer, dir) = new_mixer(&cfg(100, ReplayPolicy::Fifo, 0.5), 1);
+        // a file where patch 5's shard folder goes: its write fails as on a broken disk
+        let shard = mixer.store.path(store::encode(&square(5, 4)).id).parent().unwrap().to_path_buf();
+        std::fs::write(&shard, b"in the way").unwrap();
+        fill(&mut mixer, 16, 4);
+        assert_eq!(mixer.store.stats().write_failures, 1);
+        assert!(!kept(&mut mixer).contains(&5));
+        assert_eq!(mixer.replay_len(), 15);
+        drop(dir);
+    }
 }
