@@ -18,8 +18,9 @@
 //!
 //! **Durability.** Blobs are written through a temp file and a rename
 //! ([`fsio::write_new_deferred`]) but not fsynced one by one: [`PatchStore::sync`] fsyncs every
-//! blob written since the last call and their folders, and the checkpoint writer calls it before
-//! it writes a checkpoint that names them. A crash can leave unsynced blobs damaged; nothing
+//! blob written since the last call and their folders (or, past a few dozen, flushes the whole
+//! filesystem with one `syncfs`), and the checkpoint writer calls it before it writes a
+//! checkpoint that names them. A crash can leave unsynced blobs damaged; nothing
 //! durable refers to them, and they are collected.
 //!
 //! **Budgets.** Decoded patches stay in a [`PatchCache`] of `stream.replay_memory_mb`. The blobs
@@ -51,6 +52,9 @@ pub const STORE_DIR: &str = "replay";
 const MAGIC: &[u8; 8] = b"dspatch\0";
 const VERSION: u32 = 1;
 const EXTENSION: &str = "patch";
+/// Above this many unsynced blobs, [`PatchStore::sync`] flushes the filesystem (`syncfs`) instead
+/// of fsyncing each file and folder.
+const SYNCFS_FROM_FILES: usize = 64;
 /// DN per unit of reflectance (ingest divides by it).
 const DN_SCALE: f32 = 10000.0;
 
@@ -399,6 +403,15 @@ impl PatchStore {
     /// Make every blob written so far durable (fsync the files, then their folders). Call before
     /// writing a checkpoint that references them.
     pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced.len() > SYNCFS_FROM_FILES {
+            // one filesystem flush costs far less than thousands of fsyncs (each a journal commit)
+            fsio::sync_filesystem(&self.root).map_err(|e| {
+                io::Error::new(e.kind(), format!("{}: cannot sync: {e}", self.root.display()))
+            })?;
+            self.unsynced.clear();
+            self.unsynced_dirs.clear();
+            return Ok(());
+        }
         for path in &self.unsynced {
             match File::open(path).and_then(|f| f.sync_all()) {
                 Ok(()) => {}
