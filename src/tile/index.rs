@@ -8,9 +8,13 @@
 //!
 //! [`IndexedPatches::get`] hands out entry `i`: from its [`PatchCache`] when there, else decoded
 //! from the input (for strip and tile TIFFs, only the strips or tiles covering the patch's rows).
-//! Decoding one patch row yields all its windows at the cost of one, so when the row takes a
-//! small share of the cache ([`ROW_SHARE`]) every indexed window of it is kept. The input read
-//! last stays open: a large scene's header and chunk table are read once, not once per patch.
+//! Decoding one patch row yields all its windows for little more than the cost of one, so when
+//! the cache holds at least half of the folder, every indexed window of the row is kept (if the
+//! row takes at most [`ROW_SHARE`] of the cache). With a smaller share, a shuffled walk rarely
+//! comes back to a sibling before it leaves the cache: measured on a scene of overlapping windows
+//! holding 2.3 times the cache, whole rows made the walk several times slower (BENCHMARKS.md), so
+//! then one window is cut per miss. The input read last stays open: a large scene's header and
+//! chunk table are read once, not once per patch.
 
 use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
@@ -22,6 +26,9 @@ use crate::config::TileConfig;
 /// A whole patch row goes into the cache only when it takes at most this share (1/4) of the
 /// budget, so that one row never flushes most of the cache.
 pub const ROW_SHARE: usize = 4;
+
+/// Whole rows are kept only when the cache holds at least this share (1/2) of the folder.
+pub const FOLDER_SHARE: usize = 2;
 
 /// One usable patch: which input, which window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +121,8 @@ pub struct IndexedPatches {
     index: PatchIndex,
     cfg: TileConfig,
     cache: PatchCache<usize>,
+    /// Whether a miss keeps the other windows of its patch row.
+    whole_rows: bool,
     /// The input read last (by number) and its open rows.
     open: Option<(u32, Box<dyn RowSource + Send>)>,
 }
@@ -122,7 +131,28 @@ impl IndexedPatches {
     /// Read the patches of `index` per `cfg` (the settings it was built with), keeping at most
     /// `cache_bytes` of decoded patches.
     pub fn new(index: PatchIndex, cfg: &TileConfig, cache_bytes: usize) -> IndexedPatches {
-        IndexedPatches { index, cfg: cfg.clone(), cache: PatchCache::new(cache_bytes), open: None }
+        let mut patches = IndexedPatches {
+            index,
+            cfg: cfg.clone(),
+            cache: PatchCache::new(cache_bytes),
+            whole_rows: false,
+            open: None,
+        };
+        let folder: usize = (0..patches.len()).map(|i| patches.entry_bytes(i)).sum();
+        patches.whole_rows = folder <= FOLDER_SHARE.saturating_mul(cache_bytes);
+        patches
+    }
+
+    /// Keep (or not) the other windows of a miss's patch row, whatever the folder's size
+    /// (benchmarks compare both).
+    pub fn keep_whole_rows(mut self, on: bool) -> IndexedPatches {
+        self.whole_rows = on;
+        self
+    }
+
+    /// Whether a miss keeps the other windows of its patch row.
+    pub fn keeps_whole_rows(&self) -> bool {
+        self.whole_rows
     }
 
     /// The index read from.
@@ -152,7 +182,7 @@ impl IndexedPatches {
             return Ok(patch);
         }
         let row = self.index.row_of(i);
-        let whole_row = row.len() * self.entry_bytes(i) <= self.cache.budget() / ROW_SHARE;
+        let whole_row = self.whole_rows && row.len() * self.entry_bytes(i) <= self.cache.budget() / ROW_SHARE;
         let read = self.read(i, if whole_row { row } else { i..i + 1 });
         if read.is_err() {
             // Reopen next time: the file may have been replaced.
@@ -164,7 +194,7 @@ impl IndexedPatches {
     /// Decode the entries `wanted` (all in patch `i`'s row), cache them and return patch `i`.
     fn read(&mut self, i: usize, wanted: Range<usize>) -> Result<Arc<Patch>, TileError> {
         let entry = self.index.entries[i];
-        let IndexedPatches { index, cfg, cache, open } = self;
+        let IndexedPatches { index, cfg, cache, open, .. } = self;
         let input = &index.inputs[entry.input as usize];
         if open.as_ref().is_none_or(|(n, _)| *n != entry.input) {
             // Close the previous input first: one input open at a time.
@@ -277,6 +307,23 @@ mod tests {
         assert!((0..7).all(|k| patches.cache().contains(&k)) && !patches.cache().contains(&7));
     }
 
+    /// When the cache holds less than half of the folder, a miss cuts only its own window.
+    #[test]
+    fn a_folder_more_than_twice_the_cache_is_read_one_window_per_miss() {
+        let cfg = windows_cfg();
+        let inputs = list_inputs(&data("eurosat-ms")).unwrap();
+        let one = patch_bytes(&read_patches(&inputs[0], &cfg).unwrap()[0]);
+        let (index, _) = PatchIndex::build(&inputs, &cfg);
+        assert_eq!(index.len(), 4 * 49);
+        let half = index.len() / 2 * one;
+        let mut patches = IndexedPatches::new(index.clone(), &cfg, half - 1);
+        patches.get(3).unwrap();
+        assert_eq!(patches.cache().len(), 1);
+        let mut patches = IndexedPatches::new(index, &cfg, half);
+        patches.get(3).unwrap();
+        assert_eq!(patches.cache().len(), 7);
+    }
+
     /// A folder far larger than the cache, walked for three shuffled epochs: the cache never
     /// holds more than its budget, and every patch is still the right one.
     #[test]
@@ -285,20 +332,23 @@ mod tests {
         let inputs = list_inputs(&data("eurosat-ms")).unwrap();
         let expected = everything(&inputs, &cfg);
         let folder_bytes: usize = expected.iter().map(patch_bytes).sum();
-        let budget = 3 * patch_bytes(&expected[0]);
-        assert!(folder_bytes > 50 * budget, "the folder ({folder_bytes} B) should dwarf the cache");
         let (index, _) = PatchIndex::build(&inputs, &cfg);
-        let mut patches = IndexedPatches::new(index, &cfg, budget);
-        let mut order: Vec<usize> = (0..patches.len()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        for _ in 0..3 {
-            order.shuffle(&mut rng);
-            for &i in &order {
-                assert_eq!(*patches.get(i).unwrap(), expected[i]);
-                assert!(patches.cache().bytes() <= budget, "{} > {budget}", patches.cache().bytes());
+        // One window per miss, and whole rows (7 windows) forced into a cache of 30 windows.
+        for (windows, whole_rows) in [(3, false), (30, true)] {
+            let budget = windows * patch_bytes(&expected[0]);
+            assert!(folder_bytes > 6 * budget, "the folder ({folder_bytes} B) should dwarf the cache");
+            let mut patches = IndexedPatches::new(index.clone(), &cfg, budget).keep_whole_rows(whole_rows);
+            let mut order: Vec<usize> = (0..patches.len()).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            for _ in 0..3 {
+                order.shuffle(&mut rng);
+                for &i in &order {
+                    assert_eq!(*patches.get(i).unwrap(), expected[i]);
+                    assert!(patches.cache().bytes() <= budget, "{} > {budget}", patches.cache().bytes());
+                }
             }
+            assert!(patches.cache().len() <= windows);
         }
-        assert!(patches.cache().len() <= 3);
     }
 
     #[test]
