@@ -8,13 +8,13 @@
 //!
 //! [`IndexedPatches::get`] hands out entry `i`: from its [`PatchCache`] when there, else decoded
 //! from the input (for strip and tile TIFFs, only the strips or tiles covering the patch's rows).
-//! Decoding one patch row yields all its windows for little more than the cost of one, so when
-//! the cache holds at least half of the folder, every indexed window of the row is kept (if the
-//! row takes at most [`ROW_SHARE`] of the cache). With a smaller share, a shuffled walk rarely
-//! comes back to a sibling before it leaves the cache: measured on a scene of overlapping windows
-//! holding 2.3 times the cache, whole rows made the walk several times slower (BENCHMARKS.md), so
-//! then one window is cut per miss. The input read last stays open: a large scene's header and
-//! chunk table are read once, not once per patch.
+//! A miss decodes the patch's whole row band, so when the cache holds at least half of the folder
+//! every indexed window of that row is kept too (if the row takes at most [`ROW_SHARE`] of the
+//! cache): a folder that fits is decoded once. With a smaller share a shuffled walk rarely comes
+//! back to a sibling before it leaves the cache, and cutting them all costs more than it saves
+//! (three times slower per CPU second on a scene of overlapping windows holding 2.3 times the
+//! cache, BENCHMARKS.md), so then one window is cut per miss. The input read last stays open: a
+//! large scene's header and chunk table are read once, not once per patch.
 
 use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
