@@ -9,13 +9,15 @@
 //!
 //! ```sh
 //! cargo bench --bench augment -- [SECONDS]
+//! cargo bench --bench augment -- --checksum   # a hash of the views of samples 0..60, to see
+//!                                             # whether a change keeps the output bit for bit
 //! ```
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use dinostream::augment::{AugmentPool, Augmenter, Resample, Sample};
+use dinostream::augment::{AugmentPool, Augmenter, Resample, Sample, Workspace};
 use dinostream::config::{AugmentConfig, SEED_BANDS};
 use dinostream::tile::{Patch, Window};
 
@@ -25,6 +27,9 @@ const BATCH: usize = 32;
 fn main() {
     let seconds: f64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10.0);
     let patch = Arc::new(real_patch());
+    if std::env::args().any(|a| a == "--checksum") {
+        return checksums(&patch);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("augment bench: real BigEarthNet patch 10x120x120, {seconds} s per run, {cores} cores");
     for resample in [Resample::Exact, Resample::Fused] {
@@ -77,6 +82,28 @@ fn ablation(patch: &Patch, seconds: f64) {
     }
 }
 
+/// FNV-1a of the bits of every view value of samples 0..60, default recipe and SSR on every
+/// view, both resample modes.
+fn checksums(patch: &Patch) {
+    let ssr_always = AugmentConfig { ssr_p: 1.0, ..AugmentConfig::default() };
+    for (name, cfg) in [("default", AugmentConfig::default()), ("ssr1", ssr_always)] {
+        for resample in [Resample::Exact, Resample::Fused] {
+            let aug = Augmenter::new(&cfg, &patch.bands)
+                .expect("seed bands have statistics")
+                .with_resample(resample);
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for id in 0..60 {
+                for view in aug.views(patch, id).expect("bands match").views {
+                    for x in view.data {
+                        hash = (hash ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3);
+                    }
+                }
+            }
+            println!("{name} {resample:?} {hash:016x}");
+        }
+    }
+}
+
 /// Samples per wall-clock second and per CPU second of one run.
 #[derive(Debug, Clone, Copy)]
 struct Rate {
@@ -114,9 +141,10 @@ fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> Rate {
     let c = patch.channels();
     let mut bufs: Vec<Vec<f32>> =
         (0..aug.view_count()).map(|v| vec![0.0; c * aug.view_size(v).pow(2)]).collect();
+    let mut workspace = Workspace::default();
     let mut run = |id: u64| {
         let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-        aug.write_views(patch, id, &mut outs).expect("bands match");
+        aug.write_views_with(patch, id, &mut outs, &mut workspace).expect("bands match");
     };
     (0..20).for_each(&mut run);
     measure("/proc/thread-self/stat", || {
