@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use dinostream::augment::{AugmentPool, Augmenter, Resample, Sample, Workspace};
+use dinostream::augment::{AugmentPool, Augmenter, Resample, Sample};
 use dinostream::config::{AugmentConfig, SEED_BANDS};
 use dinostream::tile::{Patch, Window};
 
@@ -141,10 +141,9 @@ fn single_thread(aug: &Augmenter, patch: &Patch, seconds: f64) -> Rate {
     let c = patch.channels();
     let mut bufs: Vec<Vec<f32>> =
         (0..aug.view_count()).map(|v| vec![0.0; c * aug.view_size(v).pow(2)]).collect();
-    let mut workspace = Workspace::default();
     let mut run = |id: u64| {
         let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-        aug.write_views_with(patch, id, &mut outs, &mut workspace).expect("bands match");
+        aug.write_views(patch, id, &mut outs).expect("bands match");
     };
     (0..20).for_each(&mut run);
     measure("/proc/thread-self/stat", || {

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::ops::{self, Image};
 use super::params::{ViewParams, ViewRecipe};
-use super::resample::{Buffers, Input, normalize_into_planes, resample_view};
+use super::resample::resample_view;
 use super::{View, Views};
 use crate::config::AugmentConfig;
 use crate::tile::{BandStats, Patch, band_stats};
@@ -67,18 +67,6 @@ pub enum Resample {
     /// One interpolation from the input to the output pixels: faster, and a little sharper than
     /// the reference when SSR applies (a measured deviation, so not the default).
     Fused,
-}
-
-/// The buffers one worker reuses from sample to sample (the interleaved patch, the resampling
-/// scratch, the blur's intermediate plane, the drawn parameters): with one kept per worker,
-/// [`Augmenter::write_views_with`] allocates nothing once they have grown.
-#[derive(Debug, Default)]
-pub struct Workspace {
-    interleaved: Vec<f32>,
-    view: Vec<f32>,
-    resample: Buffers,
-    blur: Vec<f32>,
-    params: Vec<ViewParams>,
 }
 
 /// The multi-crop augmenter of the seed recipe, for one band list.
@@ -141,24 +129,9 @@ impl Augmenter {
 
     /// The random decisions of every view of sample `sample_id` on a `c x h x w` input.
     pub fn draw(&self, sample_id: u64, channels: usize, height: usize, width: usize) -> Vec<ViewParams> {
-        let mut params = Vec::new();
-        self.draw_into(sample_id, channels, height, width, &mut params);
-        params
-    }
-
-    /// [`draw`](Self::draw) into `params` (emptied first).
-    fn draw_into(
-        &self,
-        sample_id: u64,
-        channels: usize,
-        height: usize,
-        width: usize,
-        params: &mut Vec<ViewParams>,
-    ) {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(sample_id);
-        params.clear();
-        params.extend(self.recipes.iter().map(|r| r.draw(&mut rng, channels, height, width)));
+        self.recipes.iter().map(|r| r.draw(&mut rng, channels, height, width)).collect()
     }
 
     /// All views of `patch` as sample `sample_id`.
@@ -182,42 +155,39 @@ impl Augmenter {
         sample_id: u64,
         outs: &mut [&mut [f32]],
     ) -> Result<(), AugmentError> {
-        self.write_views_with(patch, sample_id, outs, &mut Workspace::default())
-    }
-
-    /// [`write_views`](Self::write_views) with the buffers of `workspace` (one per worker thread).
-    pub fn write_views_with(
-        &self,
-        patch: &Patch,
-        sample_id: u64,
-        outs: &mut [&mut [f32]],
-        workspace: &mut Workspace,
-    ) -> Result<(), AugmentError> {
         self.check(patch)?;
-        let Workspace { interleaved, view, resample, blur, params } = workspace;
-        self.draw_into(sample_id, patch.channels(), patch.height, patch.width, params);
-        let input = Input::new(patch, interleaved);
+        let params = self.draw(sample_id, patch.channels(), patch.height, patch.width);
+        let (mut tmp, mut scratch) = (Vec::new(), Vec::new());
         for (p, out) in params.iter().zip(outs.iter_mut()) {
-            let channels = if p.channel.is_some() { 1 } else { patch.channels() };
-            let view = ops::prefix(view, channels * p.size * p.size);
-            resample_view(&input, p, self.resample, view, resample);
-            self.finish(p, channels, view, out, blur);
+            resample_view(patch, p, self.resample, out, &mut scratch);
+            self.finish(p, out, &mut tmp);
         }
         Ok(())
     }
 
-    /// Blur and solarize one resampled view (`[S, S, channels]`, interleaved) in place, then write
-    /// it normalised into the planes of `out`. After Channelaug the view holds the one resampled
-    /// channel: it is blurred and solarized once, then copied into every plane.
-    fn finish(&self, p: &ViewParams, channels: usize, view: &mut [f32], out: &mut [f32], tmp: &mut Vec<f32>) {
-        if let Some(k) = p.blur {
-            let kernel = ops::gaussian_kernel(k).expect("blur_ksize draws 3, 5 or 7");
-            ops::gaussian_blur(view, p.size, p.size, channels, kernel, tmp);
+    /// Blur, solarize and normalize one resampled view in place, plane by plane. After
+    /// Channelaug only the first plane was resampled: it is blurred and solarized once, then copied.
+    fn finish(&self, p: &ViewParams, out: &mut [f32], tmp: &mut Vec<f32>) {
+        let kernel = p.blur.map(|k| ops::gaussian_kernel(k).expect("blur_ksize draws 3, 5 or 7"));
+        let plane_px = p.size * p.size;
+        let distinct = if p.channel.is_some() { 1 } else { self.stats.len() };
+        for plane in out.chunks_exact_mut(plane_px).take(distinct) {
+            if let Some(kernel) = kernel {
+                ops::gaussian_blur_plane(plane, p.size, p.size, kernel, tmp);
+            }
+            if p.solarize {
+                ops::solarize(plane, self.solarize_threshold);
+            }
         }
-        if p.solarize {
-            ops::solarize(view, self.solarize_threshold);
+        if p.channel.is_some() {
+            let (first, rest) = out.split_at_mut(plane_px);
+            for dst in rest.chunks_exact_mut(plane_px) {
+                dst.copy_from_slice(first);
+            }
         }
-        normalize_into_planes(view, channels, p.size, &self.stats, out);
+        for (plane, stats) in out.chunks_exact_mut(plane_px).zip(&self.stats) {
+            ops::normalize_plane(plane, *stats);
+        }
     }
 
     fn check(&self, patch: &Patch) -> Result<(), AugmentError> {
@@ -383,17 +353,15 @@ pub(crate) mod tests {
     /// reference steps, both before blur and normalisation.
     fn geometry_both_ways(aug: &Augmenter, p: &Patch, id: u64) -> Vec<(Vec<f32>, Vec<f32>)> {
         let (c, h, w) = (p.channels(), p.height, p.width);
-        let (mut interleaved, mut buffers) = (Vec::new(), Buffers::default());
-        let input = Input::new(p, &mut interleaved);
+        let mut scratch = Vec::new();
         aug.draw(id, c, h, w)
             .iter()
             .map(|v| {
+                let mut out = vec![0.0; c * v.size * v.size];
+                resample_view(p, v, aug.resample, &mut out, &mut scratch);
                 let n = v.size * v.size;
                 let planes = if v.channel.is_some() { 1 } else { c };
-                let mut out = vec![0.0; planes * n];
-                resample_view(&input, v, aug.resample, &mut out, &mut buffers);
-                let planar = (0..planes).flat_map(|k| out.iter().skip(k).step_by(planes).copied());
-                (planar.collect(), geometry_two_step(p, v).data[..planes * n].to_vec())
+                (out[..planes * n].to_vec(), geometry_two_step(p, v).data[..planes * n].to_vec())
             })
             .collect()
     }

@@ -15,7 +15,7 @@ mod pool;
 pub mod preview;
 mod resample;
 
-pub use augmenter::{AugmentError, Augmenter, Resample, Workspace, geometry_two_step};
+pub use augmenter::{AugmentError, Augmenter, Resample, geometry_two_step};
 pub use pool::{AugmentPool, Sample, build_batch};
 
 /// One view: `[C, H, W]` f32, normalised.

@@ -93,15 +93,6 @@ pub fn invert_affine(m: &Affine) -> Affine {
     [a, b, -a * m[2] - b * m[5], d, e, -d * m[2] - e * m[5]]
 }
 
-/// The first `len` values of `buffer`, which grows to hold them but never shrinks: a buffer
-/// reused for views of different sizes is not zeroed again each time it is needed longer.
-pub fn prefix(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len {
-        buffer.resize(len, 0.0);
-    }
-    &mut buffer[..len]
-}
-
 /// `x.floor()` without the libm call that baseline x86-64 (no SSE4.1 `roundsd`) makes of it; the
 /// hot loops call this once per output pixel. Exact for |x| < 2^52.
 #[inline]
@@ -194,27 +185,25 @@ pub fn gaussian_kernel(ksize: usize) -> Option<&'static [f32]> {
     }
 }
 
-/// `cv2.GaussianBlur(image, (k, k), 0)` in place on a `height x width` image of `channels`
-/// interleaved channels (`[H, W, C]`; 1 = one plane), each channel on its own: the separable fixed
-/// kernel, rows then columns, `BORDER_REFLECT_101`. `tmp` is scratch of any size.
-pub fn gaussian_blur(
-    data: &mut [f32],
+/// `cv2.GaussianBlur(plane, (k, k), 0)` in place on one `height x width` plane: the separable
+/// fixed kernel, rows then columns, `BORDER_REFLECT_101`. `tmp` is scratch of any size.
+pub fn gaussian_blur_plane(
+    plane: &mut [f32],
     width: usize,
     height: usize,
-    channels: usize,
     kernel: &[f32],
     tmp: &mut Vec<f32>,
 ) {
-    let (r, stride) = (kernel.len() / 2, width * channels);
-    let tmp = prefix(tmp, stride * height);
-    for (src, dst) in data.chunks_exact(stride).zip(tmp.chunks_exact_mut(stride)) {
-        blur_row(src, dst, channels, kernel);
+    let r = kernel.len() / 2;
+    tmp.resize(width * height, 0.0);
+    for (src, dst) in plane.chunks_exact(width).zip(tmp.chunks_exact_mut(width)) {
+        blur_row(src, dst, kernel);
     }
     let row = |y: usize, k: usize| {
         let sy = reflect_101(y as isize + k as isize - r as isize, height);
-        &tmp[sy * stride..(sy + 1) * stride]
+        &tmp[sy * width..(sy + 1) * width]
     };
-    for (y, out) in data.chunks_exact_mut(stride).enumerate() {
+    for (y, out) in plane.chunks_exact_mut(width).enumerate() {
         for (o, &v) in out.iter_mut().zip(row(y, 0)) {
             *o = kernel[0] * v;
         }
@@ -226,31 +215,29 @@ pub fn gaussian_blur(
     }
 }
 
-/// One row of the horizontal blur pass (`channels` interleaved): the interior without index
-/// checks, the borders reflected.
-fn blur_row(src: &[f32], dst: &mut [f32], channels: usize, kernel: &[f32]) {
-    let (c, n, r) = (channels, src.len() / channels, kernel.len() / 2);
-    let tap = |x: usize, ch: usize| -> f32 {
+/// One row of the horizontal blur pass: the interior without index checks, the borders reflected.
+fn blur_row(src: &[f32], dst: &mut [f32], kernel: &[f32]) {
+    let (n, r) = (src.len(), kernel.len() / 2);
+    let tap = |x: usize| -> f32 {
         let taps = kernel.iter().enumerate();
-        taps.map(|(k, &wk)| wk * src[reflect_101(x as isize + k as isize - r as isize, n) * c + ch]).sum()
+        taps.map(|(k, &wk)| wk * src[reflect_101(x as isize + k as isize - r as isize, n)]).sum()
     };
-    // Every pixel of a row shorter than the kernel is an edge pixel.
-    let (left, right) = if n <= 2 * r { (n, n) } else { (r, n - r) };
-    for x in (0..left).chain(right..n) {
-        for ch in 0..c {
-            dst[x * c + ch] = tap(x, ch);
-        }
-    }
     if n <= 2 * r {
+        for (x, d) in dst.iter_mut().enumerate() {
+            *d = tap(x);
+        }
         return;
     }
-    // Interior: one shifted multiply-add per tap over whole pixels, which the compiler vectorises.
-    let interior = &mut dst[r * c..(n - r) * c];
+    for x in (0..r).chain(n - r..n) {
+        dst[x] = tap(x);
+    }
+    // Interior: one shifted multiply-add per tap, which the compiler vectorises.
+    let interior = &mut dst[r..n - r];
     for (d, &v) in interior.iter_mut().zip(src) {
         *d = kernel[0] * v;
     }
     for (k, &wk) in kernel.iter().enumerate().skip(1) {
-        for (d, &v) in interior.iter_mut().zip(&src[k * c..]) {
+        for (d, &v) in interior.iter_mut().zip(&src[k..]) {
             *d += wk * v;
         }
     }
@@ -263,10 +250,12 @@ pub fn solarize(data: &mut [f32], threshold: f32) {
     }
 }
 
-/// Albumentations 1.x `normalize_numpy` for one band: `x -> (x - mean) * float32(1 / std)`.
-pub fn normalizer(stats: BandStats) -> impl Fn(f32) -> f32 + Copy {
+/// Albumentations 1.x `normalize_numpy` on one plane: `(x - mean) * float32(1 / std)`.
+pub fn normalize_plane(plane: &mut [f32], stats: BandStats) {
     let inv_std = 1.0 / stats.std;
-    move |x| (x - stats.mean) * inv_std
+    for v in plane.iter_mut() {
+        *v = (*v - stats.mean) * inv_std;
+    }
 }
 
 /// Channelaug: channel `band` copied into every channel.
@@ -392,28 +381,8 @@ mod tests {
         let fx = fixture();
         for k in [3, 5, 7] {
             let mut img = fixture_image();
-            gaussian_blur(&mut img.data, 9, 7, 1, gaussian_kernel(k).expect("known"), &mut Vec::new());
+            gaussian_blur_plane(&mut img.data, 9, 7, gaussian_kernel(k).expect("known"), &mut Vec::new());
             assert_close(&img.data, &floats(&fx[format!("blur{k}_7x9")]), 1e-6);
-        }
-    }
-
-    #[test]
-    fn blurring_interleaved_channels_blurs_each_channel_as_its_own_plane() {
-        let (w, h, c) = (9, 7, 3);
-        let planar: Vec<f32> = (0..c * w * h).map(|i| ((i * 37) % 23) as f32 * 0.1).collect();
-        let mut interleaved: Vec<f32> =
-            (0..w * h).flat_map(|i| (0..c).map(move |k| k * w * h + i)).map(|i| planar[i]).collect();
-        for k in [3, 5, 7] {
-            let kernel = gaussian_kernel(k).expect("known");
-            gaussian_blur(&mut interleaved, w, h, c, kernel, &mut Vec::new());
-            for (ch, plane) in planar.chunks_exact(w * h).enumerate() {
-                let mut want = plane.to_vec();
-                gaussian_blur(&mut want, w, h, 1, kernel, &mut Vec::new());
-                let got: Vec<f32> = interleaved.iter().skip(ch).step_by(c).copied().collect();
-                assert_eq!(got, want, "kernel {k}, channel {ch}");
-            }
-            interleaved =
-                (0..w * h).flat_map(|i| (0..c).map(move |k| k * w * h + i)).map(|i| planar[i]).collect();
         }
     }
 
@@ -427,7 +396,8 @@ mod tests {
     #[test]
     fn normalize_subtracts_the_mean_and_multiplies_by_the_reciprocal_std() {
         let stats = BandStats { mean: 0.2, std: 0.4 };
-        let v = [0.2f32, 0.6, 0.0].map(normalizer(stats));
+        let mut v = [0.2f32, 0.6, 0.0];
+        normalize_plane(&mut v, stats);
         let inv = 1.0f32 / 0.4;
         assert_eq!(v, [0.0, (0.6f32 - 0.2) * inv, (0.0f32 - 0.2) * inv]);
     }

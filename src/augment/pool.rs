@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 
-use super::augmenter::{AugmentError, Augmenter, Workspace};
+use super::augmenter::{AugmentError, Augmenter};
 use super::{Batch, CropBatch};
 use crate::config::AugmentConfig;
 use crate::tile::Patch;
@@ -168,9 +168,8 @@ fn dispatch(samples: Receiver<Sample>, jobs: Sender<Job>, stop: Receiver<()>, ba
 
 /// Augment jobs into batches until the jobs end or nobody takes the batches.
 fn work(augmenter: &Augmenter, jobs: Receiver<Job>, done: Sender<Done>, free: Receiver<Batch>) {
-    let mut workspace = Workspace::default();
     for job in jobs {
-        let batch = fill_batch(augmenter, &job.samples, free.try_recv().ok(), &mut workspace);
+        let batch = fill_batch(augmenter, &job.samples, free.try_recv().ok());
         if done.send((job.seq, batch)).is_err() {
             return;
         }
@@ -179,7 +178,7 @@ fn work(augmenter: &Augmenter, jobs: Receiver<Job>, done: Sender<Done>, free: Re
 
 /// One crop-major batch: `crops[v]` is view `v` of every sample, `[B, C, S, S]`.
 pub fn build_batch(augmenter: &Augmenter, samples: &[Sample]) -> Result<Batch, AugmentError> {
-    fill_batch(augmenter, samples, None, &mut Workspace::default())
+    fill_batch(augmenter, samples, None)
 }
 
 /// [`build_batch`] into the buffers of `reuse` when its shapes fit (every value is overwritten).
@@ -187,7 +186,6 @@ fn fill_batch(
     augmenter: &Augmenter,
     samples: &[Sample],
     reuse: Option<Batch>,
-    workspace: &mut Workspace,
 ) -> Result<Batch, AugmentError> {
     let b = samples.len();
     let c = augmenter.bands().len();
@@ -207,7 +205,7 @@ fn fill_batch(
                 &mut crop.data[i * n..(i + 1) * n]
             })
             .collect();
-        augmenter.write_views_with(&sample.patch, sample.id, &mut outs, workspace)?;
+        augmenter.write_views(&sample.patch, sample.id, &mut outs)?;
     }
     Ok(Batch { crops, sample_ids: samples.iter().map(|s| s.id).collect() })
 }
