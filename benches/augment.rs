@@ -9,6 +9,8 @@
 //!
 //! ```sh
 //! cargo bench --bench augment -- [SECONDS]
+//! cargo bench --bench augment -- --checksum   # a hash of the views of samples 0..60, to see
+//!                                             # whether a change keeps the output bit for bit
 //! ```
 
 use std::sync::Arc;
@@ -25,6 +27,9 @@ const BATCH: usize = 32;
 fn main() {
     let seconds: f64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10.0);
     let patch = Arc::new(real_patch());
+    if std::env::args().any(|a| a == "--checksum") {
+        return checksums(&patch);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("augment bench: real BigEarthNet patch 10x120x120, {seconds} s per run, {cores} cores");
     for resample in [Resample::Exact, Resample::Fused] {
@@ -74,6 +79,28 @@ fn ablation(patch: &Patch, seconds: f64) {
             rate.cpu,
             1000.0 / rate.cpu
         );
+    }
+}
+
+/// FNV-1a of the bits of every view value of samples 0..60, default recipe and SSR on every
+/// view, both resample modes.
+fn checksums(patch: &Patch) {
+    let ssr_always = AugmentConfig { ssr_p: 1.0, ..AugmentConfig::default() };
+    for (name, cfg) in [("default", AugmentConfig::default()), ("ssr1", ssr_always)] {
+        for resample in [Resample::Exact, Resample::Fused] {
+            let aug = Augmenter::new(&cfg, &patch.bands)
+                .expect("seed bands have statistics")
+                .with_resample(resample);
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for id in 0..60 {
+                for view in aug.views(patch, id).expect("bands match").views {
+                    for x in view.data {
+                        hash = (hash ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3);
+                    }
+                }
+            }
+            println!("{name} {resample:?} {hash:016x}");
+        }
     }
 }
 

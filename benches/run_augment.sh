@@ -4,6 +4,8 @@
 # Needs: the reference at ../shared/reference (or $REF), a venv with albumentations 2.0.8 + OpenCV 5
 # ($PY_REF) and one with albumentations 1.3.1 + OpenCV 4.10 + numpy 1.26 ($PY_SEED).
 # --sem v1 is the lean Python anchor, --sem seed1x the seed code as written.
+# Ends with the three ratios of issue 15 (Rust exact, 1 thread, per CPU second vs each Python
+# baseline per CPU second; pool with all cores vs 1 worker) and the load average around the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-10}
@@ -11,9 +13,16 @@ REF=${REF:-../shared/reference/augment_ref.py}
 DATA=${DATA:-../shared/data/bigearthnet-s2}
 PY_REF=${PY_REF:-/work/venvs/augment-ref/bin/python}
 PY_SEED=${PY_SEED:-/work/venvs/augment-seed1x/bin/python}
-echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-# (cargo honours CARGO_TARGET_DIR as usual)
-cargo bench --bench augment -- "$SECONDS_PER_RUN"
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load: $LOAD_BEFORE"
+# (cargo honours CARGO_TARGET_DIR as usual; AUGMENT_BENCH=path runs an already built bench binary)
+if [ -n "${AUGMENT_BENCH:-}" ]; then
+    "$AUGMENT_BENCH" "$SECONDS_PER_RUN" | tee -a "$LOG"
+else
+    cargo bench --bench augment -- "$SECONDS_PER_RUN" | tee -a "$LOG"
+fi
 # The same Python run on the process CPU clock: augment_ref times with time.perf_counter, so
 # pointing that at time.process_time turns its samples/s into samples per CPU second (what the
 # Rust bench reports as samples_per_cpu_s), which a busy machine distorts far less.
@@ -26,6 +35,29 @@ for sem in v1 seed1x; do
     echo "== python --sem $sem, 1 thread, wall clock"
     "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null | grep "^samples/s"
     echo "== python --sem $sem, 1 thread, CPU clock (samples/s = samples per CPU second)"
-    cpu_clock "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null | grep "^samples/s"
+    cpu_clock "$py" "$REF" bench --sem "$sem" --tif "$DATA" --seconds "$SECONDS_PER_RUN" --threads 1 2>/dev/null \
+        | grep "^samples/s" | sed "s/^/python $sem cpu /" | tee -a "$LOG"
 done
-echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== load after: $LOAD_AFTER"
+python3 - "$LOG" "$LOAD_BEFORE" "$LOAD_AFTER" <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+runs = [json.loads(l) for l in text.splitlines() if l.startswith('{"what":"augment_bench"')]
+def rate(run, key, resample="Exact"):
+    return next(r[key] for r in runs if r["resample"] == resample and r["run"] == run)
+def python(sem):
+    return float(re.search(rf"^python {sem} cpu samples/s\D*([0-9.]+)", text, re.M).group(1))
+rust = rate("1 thread, write_views", "samples_per_cpu_s")
+lean, seed = python("v1"), python("seed1x")
+print(f"== issue 15 ratios (load average before {sys.argv[2]}, after {sys.argv[3]})")
+print(f"Rust exact, 1 thread: {rust:.0f} samples/CPU-s; lean Python {lean:.0f}; seed code {seed:.0f}")
+print(f"vs seed code per CPU-s:   {rust / seed:.2f}x (target >= 10)")
+print(f"vs lean Python per CPU-s: {rust / lean:.2f}x (target >= 3)")
+many = [r for r in runs if r["resample"] == "Exact" and r["run"].startswith("pool, ") and r["threads"] > 1]
+for r in many:
+    one = rate("pool, 1 worker", "samples_per_s")
+    eff = r["samples_per_cpu_s"] / rate("pool, 1 worker", "samples_per_cpu_s")
+    print(f"pool {r['threads']} workers vs 1 worker: {r['samples_per_s'] / one:.2f}x wall clock "
+          f"(target >= 1.6 with 2 workers on an idle 2-core machine); CPU efficiency {eff:.2f}")
+PY

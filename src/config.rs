@@ -289,6 +289,10 @@ pub struct TrainConfig {
     /// Read the loss (mean since the last read) and the collapse indicators every this many
     /// steps; the steps between do not wait for the GPU.
     pub log_every_steps: usize,
+    /// Memory for decoded patches in `train`, in MB. `train` indexes the folder and reads patches
+    /// on demand through a cache of this size, so a folder larger than memory trains in bounded
+    /// memory; one that fits is decoded once.
+    pub cache_mb: usize,
 }
 
 impl Default for TrainConfig {
@@ -313,6 +317,7 @@ impl Default for TrainConfig {
             freeze_last_layer: 1,
             seed: 0,
             log_every_steps: 10,
+            cache_mb: 1024,
         }
     }
 }
@@ -815,6 +820,7 @@ impl TrainConfig {
             v.fail("train.min_lr/weight_decay/weight_decay_end/clip_grad", "must not be negative".into());
         }
         v.positive("train.log_every_steps", self.log_every_steps);
+        v.positive("train.cache_mb", self.cache_mb);
     }
 }
 
@@ -954,6 +960,12 @@ mod tests {
         assert_eq!(parse_init_bands("rgb").unwrap(), ["B04", "B03", "B02"]);
         assert_eq!(parse_init_bands("ssl4eo-s12-13").unwrap()[8], "B8A");
         assert_eq!(parse_init_bands("vv, b02").unwrap(), ["VV", "B02"]);
+    }
+
+    #[test]
+    fn train_cache_defaults_to_a_gigabyte_and_must_be_positive() {
+        assert_eq!(Config::default().train.cache_mb, 1024);
+        assert_eq!(errors_of("[train]\ncache_mb = 0\n")[0].key, "train.cache_mb");
     }
 
     #[test]

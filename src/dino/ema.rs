@@ -3,6 +3,8 @@
 
 use candle_core::Result;
 
+use crate::dino::inplace;
+use crate::model::ops::cpu::affine;
 use crate::model::params::Params;
 
 /// Move every teacher tensor towards the student tensor of the same name with momentum `m`.
@@ -12,6 +14,12 @@ pub fn ema_update(teacher: &Params, student: &Params, m: f64) -> Result<()> {
             candle_core::bail!("EMA: teacher tensor `{name}` has no student counterpart");
         };
         // Like torch: t * f32(m) + s * f32(1 - m), 1 - m taken in f64.
+        if inplace::applies(&[t.as_tensor(), s.as_tensor()]) {
+            inplace::update_with(t.as_tensor(), s.as_tensor(), |t, s| {
+                affine(t, m, 0.0) + affine(s, 1.0 - m, 0.0)
+            })?;
+            continue;
+        }
         let updated = (t.as_tensor().affine(m, 0.0)? + s.as_tensor().affine(1.0 - m, 0.0)?)?;
         t.set(&updated)?;
     }

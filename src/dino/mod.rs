@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod ema;
 pub mod init;
+mod inplace;
 pub mod loss;
 pub mod monitor;
 pub mod optim;

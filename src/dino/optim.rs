@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{Result, Tensor, Var, backprop::GradStore};
 
+use crate::dino::inplace;
+use crate::model::ops::cpu::affine;
 use crate::model::params::Params;
 
 /// AdamW hyper-parameters (torch defaults).
@@ -135,6 +137,7 @@ impl AdamW {
             let Some(g) = grads.get(&p.var) else { continue };
             let moments = match state.moments.remove(&p.name) {
                 Some(m) => m,
+                // Fresh buffers: the update may overwrite them in place.
                 None => Moments { exp_avg: g.zeros_like()?, exp_avg_sq: g.zeros_like()?, step: 0 },
             };
             let moments = self.update(p, g, moments)?;
@@ -146,21 +149,86 @@ impl AdamW {
     fn update(&self, p: &Param, g: &Tensor, m: Moments) -> Result<Moments> {
         let Config { lr, beta1, beta2, eps, weight_decay } = self.config;
         let step = m.step + 1;
-        let mut theta = p.var.as_detached_tensor();
         let wd = if p.decay { weight_decay } else { 0.0 };
+        let bias_correction1 = 1.0 - beta1.powi(step as i32);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+        let step_size = lr / bias_correction1;
+        if inplace::applies(&[p.var.as_tensor(), g, &m.exp_avg, &m.exp_avg_sq]) {
+            // The composition below, element for element, in three passes that overwrite the
+            // moments and the parameter (the moments are this state's own buffers).
+            inplace::update_with(&m.exp_avg, g, |m, g| m + affine(g - m, 1.0 - beta1, 0.0))?;
+            inplace::update_with(&m.exp_avg_sq, g, |v, g| {
+                affine(v, beta2, 0.0) + affine(g * g, 1.0 - beta2, 0.0)
+            })?;
+            let step_theta = |theta: f32, m: f32, v: f32| {
+                let theta = if wd != 0.0 { affine(theta, 1.0 - lr * wd, 0.0) } else { theta };
+                let denom = affine(affine(v.sqrt(), 1.0 / bias_correction2_sqrt, 0.0), 1.0, eps);
+                theta + affine(m, -step_size, 0.0) / denom
+            };
+            inplace::update_with2(p.var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, step_theta)?;
+            return Ok(Moments { step, ..m });
+        }
+        let mut theta = p.var.as_detached_tensor();
         if wd != 0.0 {
             theta = theta.affine(1.0 - lr * wd, 0.0)?;
         }
         let exp_avg = (&m.exp_avg + ((g - &m.exp_avg)? * (1.0 - beta1))?)?;
         let exp_avg_sq = ((&m.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-        let bias_correction1 = 1.0 - beta1.powi(step as i32);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
-        let step_size = lr / bias_correction1;
         let denom = ((exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + eps)?;
         let theta = (theta + ((&exp_avg * -step_size)? / denom)?)?;
         p.var.set(&theta)?;
         // Detached: the gradients carry the step's autograd graph, and moments chained across
         // steps would keep every step's activations alive (memory grows with each step).
         Ok(Moments { exp_avg: exp_avg.detach(), exp_avg_sq: exp_avg_sq.detach(), step })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::cpu::COMPOSED_ONLY;
+    use candle_core::{DType, Device};
+    use candle_nn::Init;
+
+    /// Parameters, Adam moments and a teacher after three AdamW steps and EMA updates, as bits.
+    fn three_steps(composed: bool) -> Vec<Vec<u32>> {
+        COMPOSED_ONLY.with(|c| c.set(composed));
+        let build = |vb: candle_nn::VarBuilder| {
+            vb.get_with_hints((40, 70), "w", Init::Randn { mean: 0.0, stdev: 1.0 })?;
+            vb.get_with_hints(70, "b", Init::Randn { mean: 0.0, stdev: 1.0 })
+        };
+        let (_, student) = Params::build(1, &Device::Cpu, build).unwrap();
+        let (_, teacher) = Params::build(2, &Device::Cpu, build).unwrap();
+        let config = Config { lr: 0.3, weight_decay: 0.2, ..Config::default() };
+        let optimizer = AdamW::new(&student, |_| false, config);
+        let mut state = AdamWState::default();
+        for step in 0..3 {
+            // Gradients with zeros in them, so that the sign of zero is compared too.
+            let loss =
+                student.iter().map(|(_, v)| (v.as_tensor().relu()? * (step + 1) as f64)?.sqr()?.sum_all());
+            let loss = loss.reduce(|a, b| a? + b?).unwrap().unwrap();
+            optimizer.step(&loss.backward().unwrap(), &mut state).unwrap();
+            crate::dino::ema::ema_update(&teacher, &student, 0.9).unwrap();
+        }
+        COMPOSED_ONLY.with(|c| c.set(false));
+        let moments = state.moments.values().flat_map(|m| [&m.exp_avg, &m.exp_avg_sq]);
+        let params = student.iter().chain(teacher.iter()).map(|(_, v)| v.as_tensor());
+        let bits = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        moments.chain(params).map(bits).collect()
+    }
+
+    #[test]
+    fn in_place_update_and_ema_equal_the_composition_bit_for_bit() {
+        assert_eq!(three_steps(false), three_steps(true));
     }
 }

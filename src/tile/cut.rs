@@ -44,51 +44,103 @@ pub(crate) fn cut_patches(
     cfg: &TileConfig,
     sink: &mut dyn FnMut(Patch) -> ControlFlow<()>,
 ) -> Result<PatchCount, TileError> {
-    let (width, height) = (source.width(), source.height());
-    let side_w = cfg.patch_px.min(width);
-    let side_h = cfg.patch_px.min(height);
+    let mut cutter = Cutter::new(source, bands, path, cfg);
     let mut count = PatchCount::default();
-    let whole = Window { x: 0, y: 0, width: width as u32, height: height as u32 };
-    let mut emit = |patch: Patch| {
-        if patch.nodata_fraction > cfg.max_nodata_fraction {
-            count.skipped += 1;
-            return ControlFlow::Continue(());
-        }
-        count.yielded += 1;
-        sink(patch)
-    };
-    let window =
-        |x: usize, y: usize| Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
-    if let Some(values) = source.resident() {
-        let rows = Rows { values, width, height, y0: 0 };
-        for y in origins(height, side_h, cfg.stride_px) {
-            for x in origins(width, side_w, cfg.stride_px) {
-                if emit(extract(rows, window(x, y), bands, path)).is_break() {
-                    return Ok(count);
-                }
-            }
-        }
-        return Ok(count);
-    }
-    if (side_w, side_h) == (width, height) {
-        // One window covers the image (EuroSAT): read straight into the patch.
-        let mut data = vec![0f32; bands.len() * width * height];
-        source.read_rows(0..height, &mut data)?;
-        // The only patch: whether the sink wants more does not matter.
-        let _ = emit(finish(data, whole, bands, path));
-        return Ok(count);
-    }
-    let mut buffer = vec![0f32; bands.len() * side_h * width];
-    for y in origins(height, side_h, cfg.stride_px) {
-        source.read_rows(y..y + side_h, &mut buffer)?;
-        let rows = Rows { values: &buffer, width, height: side_h, y0: y };
-        for x in origins(width, side_w, cfg.stride_px) {
-            if emit(extract(rows, window(x, y), bands, path)).is_break() {
-                return Ok(count);
-            }
+    for y in origins(cutter.height, cutter.side_h, cfg.stride_px) {
+        if cutter.cut_row(y, None, &mut count, sink)?.is_break() {
+            break;
         }
     }
     Ok(count)
+}
+
+/// The patches of one patch row (windows whose top row is `y`; only the one at column `x` when
+/// given), to `sink`, in the order [`cut_patches`] gives them. A `y` or `x` that is not a window
+/// origin under `cfg` gives no patch.
+pub(crate) fn cut_row(
+    source: &mut dyn RowSource,
+    bands: &[String],
+    path: &Path,
+    cfg: &TileConfig,
+    (y, x): (usize, Option<usize>),
+    sink: &mut dyn FnMut(Patch) -> ControlFlow<()>,
+) -> Result<PatchCount, TileError> {
+    let mut cutter = Cutter::new(source, bands, path, cfg);
+    let mut count = PatchCount::default();
+    if origins(cutter.height, cutter.side_h, cfg.stride_px).any(|o| o == y) {
+        // The only row: whether the sink wants more does not matter.
+        let _ = cutter.cut_row(y, x, &mut count, sink)?;
+    }
+    Ok(count)
+}
+
+/// What cutting one image needs between patch rows: the source, its window sides and the buffer
+/// of one patch row.
+struct Cutter<'a> {
+    source: &'a mut dyn RowSource,
+    bands: &'a [String],
+    path: &'a Path,
+    cfg: &'a TileConfig,
+    width: usize,
+    height: usize,
+    side_w: usize,
+    side_h: usize,
+    buffer: Vec<f32>,
+}
+
+impl<'a> Cutter<'a> {
+    fn new(source: &'a mut dyn RowSource, bands: &'a [String], path: &'a Path, cfg: &'a TileConfig) -> Self {
+        let (width, height) = (source.width(), source.height());
+        let (side_w, side_h) = (cfg.patch_px.min(width), cfg.patch_px.min(height));
+        Cutter { source, bands, path, cfg, width, height, side_w, side_h, buffer: Vec::new() }
+    }
+
+    /// Cut the windows of patch row `y` (only column `x` when given), counting and skipping those
+    /// over the nodata threshold.
+    fn cut_row(
+        &mut self,
+        y: usize,
+        x: Option<usize>,
+        count: &mut PatchCount,
+        sink: &mut dyn FnMut(Patch) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, TileError> {
+        let mut emit = |patch: Patch| {
+            if patch.nodata_fraction > self.cfg.max_nodata_fraction {
+                count.skipped += 1;
+                return ControlFlow::Continue(());
+            }
+            count.yielded += 1;
+            sink(patch)
+        };
+        let (width, side_w, side_h) = (self.width, self.side_w, self.side_h);
+        let columns: Vec<usize> = match x {
+            Some(x) => origins(width, side_w, self.cfg.stride_px).filter(|&o| o == x).collect(),
+            None => origins(width, side_w, self.cfg.stride_px).collect(),
+        };
+        let window =
+            |x: usize| Window { x: x as u32, y: y as u32, width: side_w as u32, height: side_h as u32 };
+        let resident = self.source.resident().is_some();
+        if !resident && (side_w, side_h) == (width, self.height) {
+            // One window covers the image (EuroSAT): read straight into the patch.
+            let mut data = vec![0f32; self.bands.len() * width * side_h];
+            self.source.read_rows(0..side_h, &mut data)?;
+            return Ok(emit(finish(data, window(0), self.bands, self.path)));
+        }
+        if !resident {
+            self.buffer.resize(self.bands.len() * side_h * width, 0.0);
+            self.source.read_rows(y..y + side_h, &mut self.buffer)?;
+        }
+        let rows = match self.source.resident() {
+            Some(values) => Rows { values, width, height: self.height, y0: 0 },
+            None => Rows { values: &self.buffer, width, height: side_h, y0: y },
+        };
+        for x in columns {
+            if emit(extract(rows, window(x), self.bands, self.path)).is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
 }
 
 /// One window of the row buffer as a patch.

@@ -52,6 +52,9 @@ pub enum TileError {
     /// Neither a TIFF file nor a BigEarthNet patch folder.
     #[error("{}: not an ingestible input: {detail}", path.display())]
     NotAnInput { path: PathBuf, detail: String },
+    /// An indexed input no longer holds the patch its index entry names.
+    #[error("{}: changed since it was indexed: {detail}; leave the folder unchanged while `train` runs", path.display())]
+    Changed { path: PathBuf, detail: String },
 }
 
 impl TileError {
@@ -72,6 +75,7 @@ impl TileError {
             TileError::BandSizes { .. } => "band_sizes",
             TileError::DecoderPanic { .. } => "decoder_panic",
             TileError::NotAnInput { .. } => "not_input",
+            TileError::Changed { .. } => "changed",
         }
     }
 
@@ -91,7 +95,8 @@ impl TileError {
             | TileError::MissingBand { path, .. }
             | TileError::BandSizes { path, .. }
             | TileError::DecoderPanic { path, .. }
-            | TileError::NotAnInput { path, .. } => path,
+            | TileError::NotAnInput { path, .. }
+            | TileError::Changed { path, .. } => path,
         }
     }
 

@@ -12,6 +12,9 @@
 //! - [`for_each_patch`] streams the patches of one [`Input`] to a callback; [`read_patches`]
 //!   collects them.
 //! - [`PatchCache`] keeps decoded patches in memory up to a budget in bytes.
+//! - [`PatchIndex`] lists the usable windows of many inputs without keeping their pixels;
+//!   [`IndexedPatches`] reads them back one window (or one patch row) at a time through a
+//!   [`PatchCache`] (`train` over folders larger than memory).
 //! - [`inspect()`] describes an input: format, size, bands, layout, georeference, statistics.
 //!
 //! Images larger than `tile.patch_px` are cut into `patch_px` windows every `stride_px` (partial
@@ -27,6 +30,7 @@ mod cache;
 mod chunks;
 mod cut;
 mod error;
+mod index;
 mod inspect;
 mod raw_strips;
 mod resample;
@@ -36,6 +40,7 @@ mod tiff_file;
 pub use bands::{BandStats, band_stats};
 pub use cache::{PatchCache, patch_bytes};
 pub use error::TileError;
+pub use index::{IndexEntry, IndexedPatches, PatchIndex};
 pub use inspect::{BandInfo, InputInfo, inspect};
 pub use resample::resize_bicubic;
 pub use tiff_file::Georef;
@@ -181,16 +186,16 @@ pub fn for_each_patch(
     cfg: &TileConfig,
     mut sink: impl FnMut(Patch) -> ControlFlow<()>,
 ) -> Result<PatchCount, TileError> {
-    match input.kind {
-        InputKind::Stacked => {
-            let mut source = stacked::open(&input.path, cfg)?;
-            cut::cut_patches(&mut source, &cfg.bands, &input.path, cfg, &mut sink)
-        }
-        InputKind::BigEarthNet => {
-            let mut source = bigearthnet::open(&input.path, cfg)?;
-            cut::cut_patches(&mut source, &cfg.bands, &input.path, cfg, &mut sink)
-        }
-    }
+    let mut source = open_source(input, cfg)?;
+    cut::cut_patches(source.as_mut(), &cfg.bands, &input.path, cfg, &mut sink)
+}
+
+/// The rows of `input`'s configured bands, ready to be cut.
+fn open_source(input: &Input, cfg: &TileConfig) -> Result<Box<dyn cut::RowSource + Send>, TileError> {
+    Ok(match input.kind {
+        InputKind::Stacked => Box::new(stacked::open(&input.path, cfg)?),
+        InputKind::BigEarthNet => Box::new(bigearthnet::open(&input.path, cfg)?),
+    })
 }
 
 /// All patches of `input` (convenient for small inputs; large scenes should use [`for_each_patch`]).

@@ -5,7 +5,7 @@ use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::matmul::{matmul_in, product_in};
 use super::norm::{Softmax, softmax_backward};
-use super::{Fused, cast};
+use super::{Fused, cast, to_dtype};
 
 /// `softmax(q k^T * scale) v` per head, from `qkv` `[B, N, 3 * H * d]` (DINO's
 /// `reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)`) to `[B, N, H * d]`, in `qkv`'s dtype. One
@@ -79,11 +79,11 @@ impl CustomOp1 for Attention {
     /// `dk = (q^T ds)^T` (the backward of matmul, scale and softmax, in that order), stacked back
     /// into the `qkv` layout and dtype.
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let [q, k, v] = self.split(&qkv.to_dtype(DType::F32)?)?;
+        let [q, k, v] = self.split(&to_dtype(qkv, DType::F32)?)?;
         let (b, n, width) = qkv.dims3()?;
         let h = self.num_heads;
         let grad =
-            grad.to_dtype(DType::F32)?.reshape((b, n, h, width / (3 * h)))?.transpose(1, 2)?.contiguous()?;
+            to_dtype(grad, DType::F32)?.reshape((b, n, h, width / (3 * h)))?.transpose(1, 2)?.contiguous()?;
         let probs = matmul_in(&q, &k.t()?, self.matmul)?.apply_op1_no_bwd(&Softmax { scale: self.scale })?;
         let grad_v = matmul_in(&probs.t()?, &grad, self.matmul)?;
         let grad_probs = matmul_in(&grad, &v.t()?, self.matmul)?;
@@ -92,6 +92,6 @@ impl CustomOp1 for Attention {
         let grad_k = matmul_in(&q.t()?, &grad_logits, self.matmul)?.t()?;
         let stacked = Tensor::stack(&[grad_q, grad_k, grad_v], 0)?;
         let grad_qkv = stacked.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((b, n, width))?;
-        Ok(Some(grad_qkv.to_dtype(qkv.dtype())?.detach()))
+        Ok(Some(to_dtype(&grad_qkv, qkv.dtype())?.detach()))
     }
 }

@@ -9,9 +9,11 @@
 //! Everything here works on contiguous f32 slices; the ops fall back to the backend-generic
 //! composition for other dtypes, strided inputs and other devices.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cpu::kernels::VecOps;
 use candle_core::op::{self, UnaryOpT};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::Fused;
@@ -19,11 +21,11 @@ use super::Fused;
 #[cfg(test)]
 thread_local! {
     /// Set by tests to run the composition of candle kernels on this thread, for comparison.
-    pub static COMPOSED_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static COMPOSED_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Whether the fused kernels run (always, outside the tests that compare them with the composition).
-fn fused() -> bool {
+pub(crate) fn fused() -> bool {
     #[cfg(test)]
     if COMPOSED_ONLY.with(std::cell::Cell::get) {
         return false;
@@ -70,10 +72,259 @@ impl Fused for CpuStorage {
             _ => Some(CpuStorage::F32(gelu_erf(cpu_f32(self, layout)?))),
         }
     }
+
+    fn weight_norm((v, v_layout): (&Self, &Layout), (g, g_layout): (&Self, &Layout)) -> Option<Self> {
+        if !fused() {
+            return None;
+        }
+        let (v, g) = (cpu_f32(v, v_layout)?, cpu_f32(g, g_layout)?);
+        let [weight, _, _] = weight_norm(v, g)?;
+        Some(CpuStorage::F32(weight))
+    }
+
+    fn convert(&self, layout: &Layout, dtype: DType) -> Option<Self> {
+        if !fused() {
+            return None;
+        }
+        let (start, end) = layout.contiguous_offsets()?;
+        match (self, dtype) {
+            (CpuStorage::F32(data), DType::BF16) => Some(CpuStorage::BF16(narrow(&data[start..end]))),
+            (CpuStorage::BF16(data), DType::F32) => Some(CpuStorage::F32(widen(&data[start..end]))),
+            _ => None,
+        }
+    }
+
+    fn matmul_bf16(
+        (a, a_layout): (&Self, &Layout),
+        (b, b_layout): (&Self, &Layout),
+        bmnk: (usize, usize, usize, usize),
+    ) -> Option<candle_core::Result<Self>> {
+        if !fused() {
+            return None;
+        }
+        let (a, a_layout) = rounded_to_bf16(a, a_layout)?;
+        let (b, b_layout) = rounded_to_bf16(b, b_layout)?;
+        let product = CpuStorage::F32(a).matmul(&CpuStorage::F32(b), bmnk, &a_layout, &b_layout);
+        Some(product.and_then(|product| match product {
+            CpuStorage::F32(data) => Ok(CpuStorage::BF16(narrow(&data))),
+            _ => candle_core::bail!("matmul: an f32 product came back in another dtype"),
+        }))
+    }
+
+    fn add_bias(ys: &mut Self, (bias, bias_layout): (&Self, &Layout)) -> Option<()> {
+        if !fused() {
+            return None;
+        }
+        let (start, end) = bias_layout.contiguous_offsets()?;
+        match (ys, bias) {
+            (CpuStorage::F32(ys), CpuStorage::F32(bias)) => add_rows(ys, &bias[start..end], |y, b| y + b),
+            (CpuStorage::BF16(ys), CpuStorage::BF16(bias)) => add_rows(ys, &bias[start..end], |y, b| y + b),
+            _ => None,
+        }
+    }
+
+    fn residual(
+        (xs, xs_layout): (&Self, &Layout),
+        (branch, branch_layout): (&Self, &Layout),
+        scale: Option<(&Self, &Layout)>,
+    ) -> Option<Self> {
+        if !fused() {
+            return None;
+        }
+        let xs = cpu_f32(xs, xs_layout)?;
+        let scale = match scale {
+            Some((scale, layout)) => Some(cpu_f32(scale, layout)?),
+            None => None,
+        };
+        let (start, end) = branch_layout.contiguous_offsets()?;
+        let out = match branch {
+            CpuStorage::F32(branch) => residual(xs, &branch[start..end], scale, |v| v),
+            CpuStorage::BF16(branch) => residual(xs, &branch[start..end], scale, bf16::to_f32),
+            _ => return None,
+        }?;
+        Some(CpuStorage::F32(out))
+    }
+}
+
+/// `[W, ||v||, g / ||v||]` for `v` `[K, d]` and `g` `[K]`: per row the sum of squares (candle's
+/// `sqr` then `sum_keepdim`), its square root, the gain `g / norm` and `W = v * gain`, in
+/// parallel over rows. `None` when the sizes do not fit.
+pub fn weight_norm(v: &[f32], g: &[f32]) -> Option<[Vec<f32>; 3]> {
+    let k = g.len();
+    if k == 0 || v.len() % k != 0 || v.is_empty() {
+        return None;
+    }
+    let d = v.len() / k;
+    let (mut weight, mut norm, mut gain) = (vec![0f32; v.len()], vec![0f32; k], vec![0f32; k]);
+    let rows = rows_per_task(d);
+    let outs = weight.par_chunks_mut(rows * d).zip(norm.par_chunks_mut(rows).zip(gain.par_chunks_mut(rows)));
+    outs.zip(v.par_chunks(rows * d).zip(g.par_chunks(rows))).for_each(|((w, (norm, gain)), (v, g))| {
+        let mut squares = vec![0f32; d];
+        for (((w, v), (norm, gain)), &g) in
+            w.chunks_mut(d).zip(v.chunks(d)).zip(norm.iter_mut().zip(gain)).zip(g)
+        {
+            for (s, &x) in squares.iter_mut().zip(v) {
+                *s = x * x;
+            }
+            *norm = row_sum(&squares).sqrt();
+            *gain = g / *norm;
+            for (w, &x) in w.iter_mut().zip(v) {
+                *w = x * *gain;
+            }
+        }
+    });
+    Some([weight, norm, gain])
+}
+
+/// The weight-normed layer's parameter gradients `[dv, dg]` from `v` `[K, d]`, `g` `[K]`, the
+/// product's `dW^T` `[d, K]` and the forward's `norm` and `gain`, per row as candle's backward of
+/// the composition: `dr = sum(dW v)`, `dg = dr / n`, `dn = -(dr g / n^2)`, `s = (dn / n) * 0.5`,
+/// `dv = dW gain + (v s) * 2`. Parallel over blocks of rows, each gathering its rows of `dW`
+/// from `dW^T` a cache line at a time. `None` when the sizes do not fit.
+pub fn weight_norm_backward(
+    v: &[f32],
+    g: &[f32],
+    grad_weight_t: &[f32],
+    norm: &[f32],
+    gain: &[f32],
+) -> Option<[Vec<f32>; 2]> {
+    const BLOCK: usize = 16;
+    let k = g.len();
+    if k == 0 || v.len() % k != 0 || grad_weight_t.len() != v.len() || norm.len() != k || gain.len() != k {
+        return None;
+    }
+    let d = v.len() / k;
+    let (mut dv, mut dg) = (vec![0f32; v.len()], vec![0f32; k]);
+    dv.par_chunks_mut(BLOCK * d).zip(dg.par_chunks_mut(BLOCK)).enumerate().for_each(|(block, (dv, dg))| {
+        let (first, rows) = (block * BLOCK, dg.len());
+        let mut gw = vec![0f32; rows * d];
+        for j in 0..d {
+            for (r, &x) in grad_weight_t[j * k + first..j * k + first + rows].iter().enumerate() {
+                gw[r * d + j] = x;
+            }
+        }
+        let mut products = vec![0f32; d];
+        for (r, (dv, gw)) in dv.chunks_mut(d).zip(gw.chunks(d)).enumerate() {
+            let row = first + r;
+            let (v, n) = (&v[row * d..(row + 1) * d], norm[row]);
+            for ((p, &a), &b) in products.iter_mut().zip(gw).zip(v) {
+                *p = a * b;
+            }
+            let grad_gain = row_sum(&products);
+            dg[r] = grad_gain / n;
+            let grad_norm = -((grad_gain * g[row]) / (n * n));
+            let grad_sum_sq = affine(grad_norm / n, 0.5, 0.0);
+            for ((o, &a), &x) in dv.iter_mut().zip(gw).zip(v) {
+                *o = a * gain[row] + affine(x * grad_sum_sq, 2.0, 0.0);
+            }
+        }
+    });
+    Some([dv, dg])
+}
+
+/// f32 values rounded to bf16 (candle's `to_dtype`: `bf16::from_f32`), in parallel.
+fn narrow(xs: &[f32]) -> Vec<bf16> {
+    xs.par_iter().with_min_len(GRAIN).map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// bf16 values widened to f32, in parallel.
+fn widen(xs: &[bf16]) -> Vec<f32> {
+    xs.par_iter().with_min_len(GRAIN).map(|&v| v.to_f32()).collect()
+}
+
+/// The f32 values of a product operand rounded to bf16, as f32 (exactly what candle's bf16
+/// product multiplies), with the layout to read them: the operand's strides over the elements it
+/// spans, copied. `None` for another dtype or negative strides.
+fn rounded_to_bf16(storage: &CpuStorage, layout: &Layout) -> Option<(Vec<f32>, Layout)> {
+    let start = layout.start_offset();
+    let last = layout.dims().iter().zip(layout.stride()).map(|(&d, &s)| d.checked_sub(1).map(|d| d * s));
+    let end = start + last.sum::<Option<usize>>()? + 1;
+    let values = match storage {
+        CpuStorage::F32(data) => data
+            .get(start..end)?
+            .par_iter()
+            .with_min_len(GRAIN)
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect(),
+        CpuStorage::BF16(data) => widen(data.get(start..end)?),
+        _ => return None,
+    };
+    Some((values, Layout::new(layout.shape().clone(), layout.stride().to_vec(), 0)))
+}
+
+/// `y = f(y, bias[column])` over the rows of `ys` (`[rows, bias.len()]`), in parallel over rows.
+fn add_rows<T: Copy + Send + Sync>(ys: &mut [T], bias: &[T], f: impl Fn(T, T) -> T + Sync) -> Option<()> {
+    let n = bias.len();
+    if n == 0 || ys.len() % n != 0 {
+        return None;
+    }
+    ys.par_chunks_mut(rows_per_task(n) * n).for_each(|ys| {
+        for row in ys.chunks_mut(n) {
+            for (y, &b) in row.iter_mut().zip(bias) {
+                *y = f(*y, b);
+            }
+        }
+    });
+    Some(())
+}
+
+/// `xs + f32(branch) * scale[sample]` (or without the factor), samples of equal size along the
+/// first dim, in parallel.
+fn residual<T: Copy + Sync>(
+    xs: &[f32],
+    branch: &[T],
+    scale: Option<&[f32]>,
+    to_f32: impl Fn(T) -> f32 + Sync,
+) -> Option<Vec<f32>> {
+    if branch.len() != xs.len() {
+        return None;
+    }
+    let per_sample = match scale {
+        Some(scale) if !scale.is_empty() && xs.len() % scale.len() == 0 => xs.len() / scale.len(),
+        Some(_) => return None,
+        // No factor: any chunking will do.
+        None => GRAIN,
+    };
+    let mut out = vec![0f32; xs.len()];
+    let chunk = rows_per_task(per_sample) * per_sample;
+    let chunks = out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk).zip(branch.par_chunks(chunk)));
+    chunks.enumerate().for_each(|(c, (out, (xs, branch)))| {
+        let samples = out.chunks_mut(per_sample).zip(xs.chunks(per_sample).zip(branch.chunks(per_sample)));
+        for (i, (out, (xs, branch))) in samples.enumerate() {
+            let factor = scale.map(|s| s[c * chunk / per_sample + i]);
+            for ((o, &x), &b) in out.iter_mut().zip(xs).zip(branch) {
+                *o = match factor {
+                    Some(f) => x + to_f32(b) * f,
+                    None => x + to_f32(b),
+                };
+            }
+        }
+    });
+    Some(out)
+}
+
+/// `t` in `dtype`, converted in parallel, for contiguous f32 and bf16 CPU tensors (detached);
+/// `None` otherwise.
+pub fn to_dtype(t: &Tensor, dtype: DType) -> Option<candle_core::Result<Tensor>> {
+    if !fused() || !t.device().is_cpu() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(match (storage, dtype) {
+        (CpuStorage::F32(data), DType::BF16) => {
+            Tensor::from_vec(narrow(&data[start..end]), t.shape(), t.device())
+        }
+        (CpuStorage::BF16(data), DType::F32) => {
+            Tensor::from_vec(widen(&data[start..end]), t.shape(), t.device())
+        }
+        _ => return None,
+    })
 }
 
 /// Elements per parallel task: below this, handing work to another thread costs more than it saves.
-const GRAIN: usize = 1 << 14;
+pub(crate) const GRAIN: usize = 1 << 14;
 
 /// Rows of length `n` per parallel task.
 fn rows_per_task(n: usize) -> usize {
@@ -104,7 +355,7 @@ fn row_max(row: &[f32]) -> f32 {
 }
 
 /// candle's `affine(mul, add)` on one f32 value: both constants rounded to f32 first.
-fn affine(v: f32, mul: f64, add: f64) -> f32 {
+pub(crate) fn affine(v: f32, mul: f64, add: f64) -> f32 {
     v * mul as f32 + add as f32
 }
 
@@ -129,6 +380,12 @@ fn column_sums<const K: usize>(xs: [&[f32]; K], n: usize) -> [Vec<f32>; K] {
         });
         sum
     })
+}
+
+/// The sum over the rows of a `[rows, n]` matrix (`sum(0)`), each column in row order.
+pub fn column_sum(x: &[f32], n: usize) -> Vec<f32> {
+    let [sum] = column_sums([x], n);
+    sum
 }
 
 /// LayerNorm's forward pass (`LayerNormOp::forward`): per row of length `w.len()`,

@@ -1,11 +1,10 @@
 //! Matrix products in a compute dtype: [`matmul_in`], a product as one autograd node, and the
 //! linear layer ([`Linear`], [`linear`]), whose output stays in the compute dtype.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, op};
 use candle_nn::{Init, VarBuilder};
 
-use super::{TRUNC_NORMAL_02, cast};
+use super::{Fused, TRUNC_NORMAL_02, cast, convert, cpu, to_dtype};
 
 /// `a @ b` computed in `dtype` and returned in `a`'s dtype: with `BF16` and f32 operands both are
 /// rounded to bf16 and the product (f32-accumulated by the GEMM, rounded to bf16) comes back as
@@ -27,13 +26,13 @@ pub(super) struct Operand<'a, S> {
     pub layout: Layout,
 }
 
-impl<'a, S: BackendStorage> Operand<'a, S> {
+impl<'a, S: Fused> Operand<'a, S> {
     /// `storage` (laid out as `layout`) in `dtype`.
     pub fn new(storage: &'a S, layout: &Layout, dtype: DType) -> Result<Operand<'a, S>> {
         if storage.dtype() == dtype {
             return Ok(Operand { original: storage, converted: None, layout: layout.clone() });
         }
-        let converted = storage.to_dtype(layout, dtype)?;
+        let converted = convert(storage, layout, dtype)?;
         Ok(Operand {
             original: storage,
             converted: Some(converted),
@@ -50,7 +49,7 @@ impl<'a, S: BackendStorage> Operand<'a, S> {
 /// `a @ b` at the storage level with the product in `dtype` (operands converted when they are
 /// not in it). Batched over leading dims; either operand may be a transposed view. Returns the
 /// product and its (contiguous) layout.
-pub(super) fn product_in<S: BackendStorage>(
+pub(super) fn product_in<S: Fused>(
     (a, a_layout): (&S, &Layout),
     (b, b_layout): (&S, &Layout),
     dtype: DType,
@@ -66,10 +65,15 @@ pub(super) fn product_in<S: BackendStorage>(
     }
     let (m, k, n) = (a_dims[rank - 2], a_dims[rank - 1], b_dims[rank - 1]);
     let batch = a_dims[..rank - 2].iter().product();
-    let (a, b) = (Operand::new(a, a_layout, dtype)?, Operand::new(b, b_layout, dtype)?);
-    let product = a.storage().matmul(b.storage(), (batch, m, n, k), &a.layout, &b.layout)?;
     let mut out_dims = a_dims.to_vec();
     out_dims[rank - 1] = n;
+    if dtype == DType::BF16
+        && let Some(product) = S::matmul_bf16((a, a_layout), (b, b_layout), (batch, m, n, k))
+    {
+        return Ok((product?, Layout::contiguous(out_dims)));
+    }
+    let (a, b) = (Operand::new(a, a_layout, dtype)?, Operand::new(b, b_layout, dtype)?);
+    let product = a.storage().matmul(b.storage(), (batch, m, n, k), &a.layout, &b.layout)?;
     Ok((product, Layout::contiguous(out_dims)))
 }
 
@@ -79,7 +83,7 @@ struct MatmulIn {
 
 impl MatmulIn {
     /// The product in `dtype`, returned in `a`'s dtype.
-    fn forward<S: BackendStorage>(&self, a: (&S, &Layout), b: (&S, &Layout)) -> Result<(S, Shape)> {
+    fn forward<S: Fused>(&self, a: (&S, &Layout), b: (&S, &Layout)) -> Result<(S, Shape)> {
         let (product, layout) = product_in(a, b, self.dtype)?;
         Ok((cast(product, &layout, a.0.dtype())?, layout.shape().clone()))
     }
@@ -101,8 +105,8 @@ impl CustomOp2 for MatmulIn {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_a = matmul_in(grad, &b.t()?, self.dtype)?.to_dtype(a.dtype())?;
-        let grad_b = matmul_in(&a.t()?, grad, self.dtype)?.to_dtype(b.dtype())?;
+        let grad_a = to_dtype(&matmul_in(grad, &b.t()?, self.dtype)?, a.dtype())?;
+        let grad_b = to_dtype(&matmul_in(&a.t()?, grad, self.dtype)?, b.dtype())?;
         Ok((Some(grad_a.detach()), Some(grad_b.detach())))
     }
 }
@@ -155,15 +159,18 @@ struct LinearOp {
 
 impl LinearOp {
     /// The forward pass at the storage level, on any backend.
-    fn forward<S: BackendStorage>(
+    fn forward<S: Fused>(
         &self,
         xs: (&S, &Layout),
         (weight, weight_layout): (&S, &Layout),
         (bias, bias_layout): (&S, &Layout),
     ) -> Result<(S, Shape)> {
-        let (ys, layout) = product_in(xs, (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
+        let (mut ys, layout) = product_in(xs, (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
         let bias = Operand::new(bias, bias_layout, self.matmul)?;
         let bias_rows = bias.layout.broadcast_as(layout.shape())?;
+        if S::add_bias(&mut ys, (bias.storage(), &bias.layout)).is_some() {
+            return Ok((ys, layout.shape().clone()));
+        }
         Ok((ys.binary_impl::<op::Add>(bias.storage(), &layout, &bias_rows)?, layout.shape().clone()))
     }
 }
@@ -185,9 +192,13 @@ impl CustomOp3 for LinearOp {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad_xs = matmul_in(grad, weight, self.matmul)?.to_dtype(xs.dtype())?;
+        let grad_xs = to_dtype(&matmul_in(grad, weight, self.matmul)?, xs.dtype())?;
         let grad_weight = matmul_in(&xs.t()?, grad, self.matmul)?.t()?.to_dtype(weight.dtype())?;
-        let grad_bias = grad.to_dtype(bias.dtype())?.sum_keepdim(0)?.squeeze(0)?;
+        let grad = to_dtype(grad, bias.dtype())?;
+        let grad_bias = match cpu::with_f32([&grad], |[g]| cpu::column_sum(g, bias.elem_count())) {
+            Some(sum) => Tensor::from_vec(sum, bias.shape(), bias.device())?,
+            None => grad.sum_keepdim(0)?.squeeze(0)?,
+        };
         Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
     }
 }

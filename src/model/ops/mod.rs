@@ -12,9 +12,12 @@
 //! the bicubic matrices that resize the positional embedding exactly like PyTorch
 //! ([`bicubic_grid`]).
 //!
-//! On the CPU, LayerNorm, softmax and GELU (both passes) run as fused, row-parallel loops with the
-//! composition's arithmetic, bit for bit (`cpu.rs`, through the `Fused` trait); other backends and inputs
-//! run the composition.
+//! On the CPU, LayerNorm, softmax, GELU, the weight-normed matrix (both passes), the linear layer's
+//! bias add, the residual add and the f32/bf16 conversions run as fused, multi-threaded loops with
+//! the composition's arithmetic, bit for bit (`cpu.rs`, through the `Fused` trait); bf16 products
+//! multiply bf16-rounded f32 copies of the operands' spans (made in parallel) with the f32 GEMM,
+//! what candle's bf16 product does after widening the whole storage on one thread. Other backends
+//! and inputs run the composition.
 //!
 //! Mixed precision (`matmul = BF16`, PyTorch's bf16 autocast): products run in bf16 and the
 //! activations between them stay bf16 (layer-norm outputs that feed a product, linear and
@@ -71,7 +74,7 @@ macro_rules! backend_forward {
 }
 
 mod attention;
-mod cpu;
+pub(crate) mod cpu;
 mod matmul;
 mod norm;
 mod pointwise;
@@ -79,7 +82,7 @@ mod resize;
 mod weight_norm;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{DType, Layout, Result};
+use candle_core::{DType, Layout, Result, Tensor};
 use candle_nn::Init;
 
 pub use attention::attention;
@@ -116,14 +119,69 @@ pub(super) trait Fused: BackendStorage {
     fn gelu_erf(&self, _layout: &Layout) -> Option<Self> {
         None
     }
+
+    /// The weight-normed matrix `W = v * (g / ||v||)` row-wise (see [`weight_norm_linear`]),
+    /// `[K, d]` contiguous.
+    fn weight_norm(_v: (&Self, &Layout), _g: (&Self, &Layout)) -> Option<Self> {
+        None
+    }
+
+    /// `self` under `layout` converted to `dtype`, contiguous (candle's `to_dtype`).
+    fn convert(&self, _layout: &Layout, _dtype: DType) -> Option<Self> {
+        None
+    }
+
+    /// The product `a @ b` (`bmnk` as in `BackendStorage::matmul`) of the operands rounded to
+    /// bf16, accumulated in f32 and rounded to bf16: what candle's bf16 product computes, from f32
+    /// or bf16 operands.
+    fn matmul_bf16(
+        _a: (&Self, &Layout),
+        _b: (&Self, &Layout),
+        _bmnk: (usize, usize, usize, usize),
+    ) -> Option<Result<Self>> {
+        None
+    }
+
+    /// `ys + bias` with `ys` a contiguous `[rows, n]` product in this dtype and `bias` `[n]` (the
+    /// linear layer's `broadcast_add`), written over `ys`.
+    fn add_bias(_ys: &mut Self, _bias: (&Self, &Layout)) -> Option<()> {
+        None
+    }
+
+    /// `xs + branch * scale` (see [`residual`]): `branch` in any dtype, promoted to `xs`'s,
+    /// `scale` a per-sample factor `[B, 1, ...]`.
+    fn residual(
+        _xs: (&Self, &Layout),
+        _branch: (&Self, &Layout),
+        _scale: Option<(&Self, &Layout)>,
+    ) -> Option<Self> {
+        None
+    }
 }
 
 #[cfg(feature = "cuda")]
 impl Fused for candle_core::CudaStorage {}
 
 /// `x` (contiguous, `layout`) in `dtype`: itself when it is already, else a converted copy.
-fn cast<S: BackendStorage>(x: S, layout: &Layout, dtype: DType) -> Result<S> {
-    if x.dtype() == dtype { Ok(x) } else { x.to_dtype(layout, dtype) }
+fn cast<S: Fused>(x: S, layout: &Layout, dtype: DType) -> Result<S> {
+    if x.dtype() == dtype { Ok(x) } else { convert(&x, layout, dtype) }
+}
+
+/// `x` under `layout` in `dtype`, contiguous: the fused conversion where there is one.
+fn convert<S: Fused>(x: &S, layout: &Layout, dtype: DType) -> Result<S> {
+    match x.convert(layout, dtype) {
+        Some(converted) => Ok(converted),
+        None => x.to_dtype(layout, dtype),
+    }
+}
+
+/// `t.to_dtype(dtype)`, detached: converted in parallel on the CPU (a gradient's conversion in
+/// a backward pass).
+fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    match cpu::to_dtype(t, dtype) {
+        Some(converted) => converted,
+        None => t.to_dtype(dtype),
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +332,36 @@ mod tests {
                 out.to_vec1::<f32>().unwrap()
             };
             assert_eq!(gelu(false), gelu(true), "bf16 GELU, {cols} columns");
+        }
+    }
+
+    #[test]
+    fn fused_linear_residual_and_bf16_products_equal_the_composition_bit_for_bit() {
+        // The bias add, the residual add (with and without drop-path factors, from an f32 and a
+        // bf16 branch), the bf16 products and the gradients' conversions, both passes.
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (6, 37), &dev).unwrap();
+        let w = Var::randn(0f32, 0.3, (70, 37), &dev).unwrap();
+        let b = Var::randn(0f32, 0.3, 70, &dev).unwrap();
+        let stream = Var::randn(0f32, 1.0, (6, 70), &dev).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let scale = drop_path_scale(6, 2, 0.5, &mut rng, &dev).unwrap();
+        let values =
+            |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            for scale in [None, scale.as_ref()] {
+                let run = |composed: bool| {
+                    cpu::COMPOSED_ONLY.with(|c| c.set(composed));
+                    let branch = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), dtype).unwrap();
+                    let out = residual(stream.as_tensor(), &branch, scale).unwrap();
+                    let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    cpu::COMPOSED_ONLY.with(|c| c.set(false));
+                    let mut all = vec![values(&branch), values(&out)];
+                    all.extend([&x, &w, &b, &stream].map(|v| values(grads.get(v.as_tensor()).unwrap())));
+                    all
+                };
+                assert_eq!(run(false), run(true), "{dtype:?}, drop path {}", scale.is_some());
+            }
         }
     }
 

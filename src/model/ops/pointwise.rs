@@ -1,13 +1,12 @@
 //! Element-wise ops of the blocks as single autograd nodes: exact GELU with its backward in f32,
 //! and the residual add with stochastic depth, which promotes a bf16 branch to the f32 stream.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, op};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::matmul::Operand;
-use super::{Fused, cpu};
+use super::{Fused, cpu, to_dtype};
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`), not candle's tanh `gelu`, in the
 /// input's dtype. The backward is candle's (which rounds `1/sqrt(2 pi)` to 0.398942, 7e-7
@@ -38,9 +37,9 @@ impl CustomOp1 for GeluErf {
 
     /// `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`.
     fn bwd(&self, xs: &Tensor, _ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (x, grad) = (xs.to_dtype(DType::F32)?, grad.to_dtype(DType::F32)?);
+        let (x, grad) = (to_dtype(xs, DType::F32)?, to_dtype(grad, DType::F32)?);
         if let Some(fused) = cpu::with_f32([&x, &grad], |[x, g]| cpu::gelu_erf_backward(x, g)) {
-            let grad_xs = Tensor::from_vec(fused, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+            let grad_xs = to_dtype(&Tensor::from_vec(fused, xs.shape(), xs.device())?, xs.dtype())?;
             return Ok(Some(grad_xs.detach()));
         }
         let neg_half_square = (x.sqr()?.neg()? / 2.)?;
@@ -91,15 +90,11 @@ struct Residual;
 impl Residual {
     /// The forward pass at the storage level, on any backend: the branch is converted to the
     /// stream's dtype, multiplied by the broadcast scale, then added.
-    fn forward_unscaled<S: BackendStorage>(
-        &self,
-        xs: (&S, &Layout),
-        branch: (&S, &Layout),
-    ) -> Result<(S, Shape)> {
+    fn forward_unscaled<S: Fused>(&self, xs: (&S, &Layout), branch: (&S, &Layout)) -> Result<(S, Shape)> {
         Self::forward(xs, branch, None)
     }
 
-    fn forward_scaled<S: BackendStorage>(
+    fn forward_scaled<S: Fused>(
         &self,
         xs: (&S, &Layout),
         branch: (&S, &Layout),
@@ -108,12 +103,15 @@ impl Residual {
         Self::forward(xs, branch, Some(scale))
     }
 
-    fn forward<S: BackendStorage>(
+    fn forward<S: Fused>(
         (xs, xs_layout): (&S, &Layout),
         (branch, branch_layout): (&S, &Layout),
         scale: Option<(&S, &Layout)>,
     ) -> Result<(S, Shape)> {
         let shape = xs_layout.shape().clone();
+        if let Some(ys) = S::residual((xs, xs_layout), (branch, branch_layout), scale) {
+            return Ok((ys, shape));
+        }
         let branch = Operand::new(branch, branch_layout, xs.dtype())?;
         let scaled = match scale {
             Some((scale, scale_layout)) => {
@@ -136,7 +134,7 @@ impl Residual {
             Some(scale) => grad.broadcast_mul(&scale.to_dtype(grad.dtype())?)?,
             None => grad.clone(),
         };
-        Ok((grad.detach(), grad_branch.to_dtype(branch.dtype())?.detach()))
+        Ok((grad.detach(), to_dtype(&grad_branch, branch.dtype())?.detach()))
     }
 }
 

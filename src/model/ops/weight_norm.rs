@@ -1,11 +1,10 @@
 //! The DINO head's last layer, a weight-normed linear layer without bias, as one autograd node.
 
-use candle_core::backend::BackendStorage;
 use candle_core::op::{self, ReduceOp};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cast;
 use super::matmul::{matmul_in, product_in};
+use super::{Fused, cast, cpu, to_dtype};
 
 /// `x W^T` with `W = v * g / ||v||` row-wise (`torch._weight_norm(v, g, 0)`), `x` `[N, d]`,
 /// `v` `[K, d]`, `g` `[K, 1]`; the product in `matmul` (see [`matmul_in`]), returned in `x`'s
@@ -26,7 +25,7 @@ struct WeightNormLinear {
 
 impl WeightNormLinear {
     /// The forward pass at the storage level, on any backend: `||v||`, `g / ||v||`, `W`, `x W^T`.
-    fn forward<S: BackendStorage>(
+    fn forward<S: Fused>(
         &self,
         xs: (&S, &Layout),
         (v, v_layout): (&S, &Layout),
@@ -34,6 +33,10 @@ impl WeightNormLinear {
     ) -> Result<(S, Shape)> {
         let (k, d) = v_layout.shape().dims2()?;
         let (rows, column) = (Layout::contiguous((k, d)), Layout::contiguous((k, 1)));
+        if let Some(weight) = S::weight_norm((v, v_layout), (g, g_layout)) {
+            let (ys, layout) = product_in(xs, (&weight, &rows.transpose(0, 1)?), self.matmul)?;
+            return Ok((cast(ys, &layout, xs.0.dtype())?, layout.shape().clone()));
+        }
         let sum_sq = v.unary_impl::<op::Sqr>(v_layout)?.reduce_op(ReduceOp::Sum, &rows, &[1])?;
         let norm = sum_sq.unary_impl::<op::Sqrt>(&column)?;
         let gain = g.binary_impl::<op::Div>(&norm, g_layout, &column)?;
@@ -61,6 +64,9 @@ impl CustomOp3 for WeightNormLinear {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(grads) = self.fused_backward(xs, v, g, grad)? {
+            return Ok(grads);
+        }
         let norm = v.sqr()?.sum_keepdim(1)?.sqrt()?;
         let gain = g.div(&norm)?;
         let weight = v.broadcast_mul(&gain)?;
@@ -74,6 +80,33 @@ impl CustomOp3 for WeightNormLinear {
         Ok((Some(grad_xs.detach()), Some(grad_v.detach()), Some(grad_g.detach())))
     }
 }
+
+impl WeightNormLinear {
+    /// The backward pass with the row-wise parts in the CPU's fused kernels ([`cpu::weight_norm`],
+    /// [`cpu::weight_norm_backward`]): the same arithmetic; `None` where they do not apply.
+    fn fused_backward(&self, xs: &Tensor, v: &Tensor, g: &Tensor, grad: &Tensor) -> Result<Option<Grads3>> {
+        let Some([weight, norm, gain]) = cpu::with_f32([v, g], |[v, g]| cpu::weight_norm(v, g)).flatten()
+        else {
+            return Ok(None);
+        };
+        let weight = Tensor::from_vec(weight, v.shape(), v.device())?;
+        let grad_xs = to_dtype(&matmul_in(grad, &weight, self.matmul)?, xs.dtype())?;
+        // dW^T, [d, K] as the product leaves it.
+        let grad_weight_t = to_dtype(&matmul_in(&xs.t()?, grad, self.matmul)?, v.dtype())?;
+        let fused = cpu::with_f32([v, g, &grad_weight_t], |[v, g, gwt]| {
+            cpu::weight_norm_backward(v, g, gwt, &norm, &gain)
+        });
+        let Some([grad_v, grad_g]) = fused.flatten() else { return Ok(None) };
+        let (grad_v, grad_g) = (
+            Tensor::from_vec(grad_v, v.shape(), v.device())?,
+            Tensor::from_vec(grad_g, g.shape(), g.device())?,
+        );
+        Ok(Some((Some(grad_xs.detach()), Some(grad_v), Some(grad_g))))
+    }
+}
+
+/// A three-input op's gradients.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 #[cfg(test)]
 mod tests {
