@@ -90,18 +90,7 @@ fn open_nonblocking(path: &Path) -> io::Result<File> {
 
 /// Write `bytes` to `path` atomically (see the module doc).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        rename_durable(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_through_temp(path, bytes, true)
 }
 
 /// Write `bytes` to `path` through a temp sibling and a rename, without fsync: readers never see a
@@ -109,8 +98,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// the caller fsynced it and its folder. For content-addressed files that are checked on read and
 /// synced in bulk before anything durable refers to them (the replay store).
 pub fn write_new_deferred(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_through_temp(path, bytes, false)
+}
+
+/// Write a temp sibling of `path` and rename it over `path`; `durable` fsyncs the file before and
+/// the folder after the rename. The temp file is removed when anything fails.
+fn write_through_temp(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let tmp = temp_sibling(path);
-    let result = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        drop(file);
+        if durable { rename_durable(&tmp, path) } else { fs::rename(&tmp, path) }
+    })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
