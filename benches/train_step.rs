@@ -87,6 +87,7 @@ static ALLOCATOR: Counting = Counting;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    dinostream::model::keep_freed_memory();
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)?,

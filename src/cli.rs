@@ -239,6 +239,7 @@ impl ServeArgs {
 /// `serve`: run the service until SIGTERM/SIGINT or `--max-steps`.
 fn serve(mut cfg: Config, args: &ServeArgs) -> Result<()> {
     args.apply(&mut cfg)?;
+    crate::model::keep_freed_memory();
     let stop = crate::service::signal::StopFlag::from_signals()?;
     crate::service::serve(&cfg, stop)
 }
@@ -431,6 +432,7 @@ fn train(mut cfg: Config, args: &TrainArgs) -> Result<()> {
         cfg.train.batch_size = batch_size;
     }
     revalidate(&cfg)?;
+    crate::model::keep_freed_memory();
     let job = TrainJob {
         data: args.data.clone(),
         steps: args.steps,
