@@ -3,6 +3,7 @@
 
 use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor};
 
+use super::cpu_attention;
 use super::matmul::{matmul_in, product_in};
 use super::norm::{Softmax, softmax_backward};
 use super::{Fused, cast, to_dtype};
@@ -45,6 +46,9 @@ impl Attention {
         }
         let heads = self.heads(layout)?;
         let (_, b, h, n, d) = heads.shape().dims5()?;
+        if let Some(out) = S::attention((qkv, layout), h, self.scale, self.matmul) {
+            return Ok((out, Shape::from((b, n, h * d))));
+        }
         let part = |i: usize| qkv.to_dtype(&heads.narrow(0, i, 1)?, self.matmul);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let per_head = Layout::contiguous((b, h, n, d));
@@ -79,6 +83,9 @@ impl CustomOp1 for Attention {
     /// `dk = (q^T ds)^T` (the backward of matmul, scale and softmax, in that order), stacked back
     /// into the `qkv` layout and dtype.
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(grad_qkv) = cpu_attention::backward(qkv, grad, self.num_heads, self.scale, self.matmul) {
+            return Ok(Some(grad_qkv?.detach()));
+        }
         let [q, k, v] = self.split(&to_dtype(qkv, DType::F32)?)?;
         let (b, n, width) = qkv.dims3()?;
         let h = self.num_heads;

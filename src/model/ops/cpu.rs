@@ -56,6 +56,10 @@ impl Fused for CpuStorage {
         (n > 0).then(|| CpuStorage::F32(softmax(x, n, scale)))
     }
 
+    fn attention((qkv, layout): (&Self, &Layout), heads: usize, scale: f64, matmul: DType) -> Option<Self> {
+        super::cpu_attention::forward(qkv, layout, heads, scale, matmul)
+    }
+
     fn gelu_erf(&self, layout: &Layout) -> Option<Self> {
         if !fused() {
             return None;
@@ -450,53 +454,63 @@ pub fn layer_norm_backward(x: &[f32], w: &[f32], grad: &[f32], eps: f64) -> [Vec
     [dx, dw, db]
 }
 
-/// Softmax over rows of length `n` of `x * scale` (`affine(scale, 0)` first, as attention
-/// scales its logits; `scale` 1 for a plain softmax: `x * 1 + 0` is `x`):
-/// `exp(z - max) / sum(exp(z - max))`.
+/// Softmax over rows of length `n` of `x * scale` (see [`softmax_row`]), in parallel over rows.
 pub fn softmax(x: &[f32], n: usize, scale: f64) -> Vec<f32> {
     let chunk = rows_per_task(n) * n;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(out, x)| {
         for (out, x) in out.chunks_mut(n).zip(x.chunks(n)) {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = affine(v, scale, 0.0);
-            }
-            let max = row_max(out);
-            for o in out.iter_mut() {
-                *o = op::Exp::f32(*o - max);
-            }
-            let sum = row_sum(out);
-            for o in out.iter_mut() {
-                *o /= sum;
-            }
+            out.copy_from_slice(x);
+            softmax_row(out, scale);
         }
     });
     out
 }
 
-/// Softmax's backward pass for rows of length `n`: `(g - sum(g y)) y`, then `affine(scale, 0)`
-/// (attention's logit scale; 1 for a plain softmax).
+/// One row of softmax of `x * scale`, in place (`affine(scale, 0)` first, as attention scales its
+/// logits; `scale` 1 for a plain softmax: `x * 1 + 0` is `x`): `exp(z - max) / sum(exp(z - max))`.
+pub(crate) fn softmax_row(row: &mut [f32], scale: f64) {
+    for o in row.iter_mut() {
+        *o = affine(*o, scale, 0.0);
+    }
+    let max = row_max(row);
+    for o in row.iter_mut() {
+        *o = op::Exp::f32(*o - max);
+    }
+    let sum = row_sum(row);
+    for o in row.iter_mut() {
+        *o /= sum;
+    }
+}
+
+/// Softmax's backward pass for rows of length `n` (see [`softmax_backward_row`]), in parallel.
 pub fn softmax_backward(y: &[f32], grad: &[f32], n: usize, scale: f64) -> Vec<f32> {
     let chunk = rows_per_task(n) * n;
     let mut out = vec![0f32; y.len()];
     let ins = y.par_chunks(chunk).zip(grad.par_chunks(chunk));
     out.par_chunks_mut(chunk).zip(ins).for_each(|(out, (y, grad))| {
         for (out, (y, grad)) in out.chunks_mut(n).zip(y.chunks(n).zip(grad.chunks(n))) {
-            for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
-                *o = g * y;
-            }
-            let dot = row_sum(out);
-            for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
-                *o = (g - dot) * y;
-            }
-            if scale != 1.0 {
-                for o in out.iter_mut() {
-                    *o = affine(*o, scale, 0.0);
-                }
-            }
+            softmax_backward_row(out, y, grad, scale);
         }
     });
     out
+}
+
+/// One row of softmax's backward pass into `out`: `(g - sum(g y)) y`, then `affine(scale, 0)`
+/// (attention's logit scale; 1 for a plain softmax).
+pub(crate) fn softmax_backward_row(out: &mut [f32], y: &[f32], grad: &[f32], scale: f64) {
+    for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+        *o = g * y;
+    }
+    let dot = row_sum(out);
+    for ((o, &y), &g) in out.iter_mut().zip(y).zip(grad) {
+        *o = (g - dot) * y;
+    }
+    if scale != 1.0 {
+        for o in out.iter_mut() {
+            *o = affine(*o, scale, 0.0);
+        }
+    }
 }
 
 /// Exact GELU element-wise (candle's `gelu_erf` kernel).

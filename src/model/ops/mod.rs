@@ -75,6 +75,7 @@ macro_rules! backend_forward {
 
 mod attention;
 pub(crate) mod cpu;
+mod cpu_attention;
 mod matmul;
 mod norm;
 mod pointwise;
@@ -112,6 +113,12 @@ pub(super) trait Fused: BackendStorage {
 
     /// `softmax(x * scale)` over the last dim (see [`softmax_last_dim`], [`attention`]).
     fn scaled_softmax(&self, _layout: &Layout, _scale: f64) -> Option<Self> {
+        None
+    }
+
+    /// Multi-head attention's forward pass from a contiguous `qkv` `[B, N, 3 H d]` to
+    /// `[B, N, H d]` in `qkv`'s dtype, products in `matmul` (see [`attention`]).
+    fn attention(_qkv: (&Self, &Layout), _heads: usize, _scale: f64, _matmul: DType) -> Option<Self> {
         None
     }
 
@@ -214,7 +221,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let b = b.to_dtype(a.dtype()).unwrap();
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
         a.sub(&b)
             .unwrap()
             .abs()
@@ -367,28 +374,44 @@ mod tests {
 
     #[test]
     fn attention_equals_the_tensor_op_composition_in_both_passes() {
+        // A toy size, and the sizes of a ViT's 56 px and 120 px views (50 and 226 tokens, heads
+        // of 16): the per-head CPU kernel against DINO's composition, f32 and bf16, with f32 and
+        // bf16 qkv (bf16 products from bf16 activations, as the model runs them).
+        for (b, n, h, d) in [(2, 7, 3, 4), (3, 50, 3, 16), (2, 226, 3, 16)] {
+            for (qkv_dtype, dtype) in
+                [(DType::F32, DType::F32), (DType::F32, DType::BF16), (DType::BF16, DType::BF16)]
+            {
+                attention_case((b, n, h, d), qkv_dtype, dtype);
+            }
+        }
+    }
+
+    fn attention_case((b, n, h, d): (usize, usize, usize, usize), qkv_dtype: DType, dtype: DType) {
         let dev = Device::Cpu;
-        let (b, n, h, d) = (2, 7, 3, 4);
         let qkv = Var::randn(0f32, 1.0, (b, n, 3 * h * d), &dev).unwrap();
-        let r = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev).unwrap();
+        let input = qkv.as_tensor().to_dtype(qkv_dtype).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev).unwrap().to_dtype(qkv_dtype).unwrap();
+        let scale = (d as f64).powf(-0.5);
         // DINO's Attention.forward between the qkv and the proj layers.
         let composed = |dtype: DType| -> Result<Tensor> {
-            let heads = qkv.as_tensor().reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+            let heads = input.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
             let (q, k, v) =
                 (heads.get(0)?.contiguous()?, heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?);
-            let attn = softmax_last_dim(&(matmul_in(&q, &k.t()?, dtype)? * 0.5)?)?;
-            matmul_in(&attn, &v, dtype)?.transpose(1, 2)?.reshape((b, n, h * d))
+            let logits = matmul_in(&q.to_dtype(DType::F32)?, &k.to_dtype(DType::F32)?.t()?, dtype)?;
+            let attn = softmax_last_dim(&(logits * scale)?)?;
+            let out = matmul_in(&attn, &v.to_dtype(DType::F32)?, dtype)?.to_dtype(qkv_dtype)?;
+            out.transpose(1, 2)?.reshape((b, n, h * d))
         };
-        for dtype in [DType::F32, DType::BF16] {
-            let ours = attention(qkv.as_tensor(), h, 0.5, dtype).unwrap();
-            let theirs = composed(dtype).unwrap();
-            assert_eq!(max_diff(&ours, &theirs), 0.0, "{dtype:?} forward");
-            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let (a, b) = (g_ours.get(qkv.as_tensor()).unwrap(), g_theirs.get(qkv.as_tensor()).unwrap());
-            assert_eq!(max_diff(a, b), 0.0, "{dtype:?} backward");
-            assert!(a.abs().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
-        }
+        let case = format!("{qkv_dtype:?} qkv, {dtype:?} products, {b}x{n} tokens, {h} heads of {d}");
+        let ours = attention(&input, h, scale, dtype).unwrap();
+        let theirs = composed(dtype).unwrap();
+        assert_eq!(ours.dtype(), qkv_dtype);
+        assert_eq!(max_diff(&ours, &theirs), 0.0, "{case}: forward");
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g_ours.get(qkv.as_tensor()).unwrap(), g_theirs.get(qkv.as_tensor()).unwrap());
+        assert_eq!(max_diff(a, b), 0.0, "{case}: backward");
+        assert!(a.abs().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{case}");
     }
 
     /// One pre-norm MLP block, `x + fc2(gelu(fc1(ln(x)))) * scale`, its output and gradients.
