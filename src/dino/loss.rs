@@ -69,7 +69,7 @@ impl DinoLoss {
         }
         let teacher = teacher.detach();
         let teacher_probs = ops::softmax_last_dim(&(teacher.broadcast_sub(center)? / teacher_temp)?)?;
-        let student_logp = ops::log_softmax_last_dim(&(student / self.student_temp)?)?;
+        let student_logp = ops::log_softmax_last_dim(student, 1.0 / self.student_temp)?;
         let q = teacher_probs.reshape((2, b * k))?;
         let l = student_logp.reshape((self.ncrops, b * k))?;
         let pair_losses = (q.matmul(&l.t()?)? * (-1.0 / b as f64))?;

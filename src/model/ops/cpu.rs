@@ -513,6 +513,61 @@ pub(crate) fn softmax_backward_row(out: &mut [f32], y: &[f32], grad: &[f32], sca
     }
 }
 
+/// Log-softmax over rows of length `n` of `x * scale` (the affine left out at scale 1), as the
+/// composition computes it: `z - max`, `exp`, the row sum, its `ln`, the difference.
+pub fn log_softmax(x: &[f32], n: usize, scale: f64) -> Vec<f32> {
+    let chunk = rows_per_task(n) * n;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(out, x)| {
+        let mut exp = vec![0f32; n];
+        for (out, x) in out.chunks_mut(n).zip(x.chunks(n)) {
+            let log_sum = shifted_and_exp(x, scale, out, &mut exp).ln();
+            for o in out.iter_mut() {
+                *o -= log_sum;
+            }
+        }
+    });
+    out
+}
+
+/// The composition's backward of [`log_softmax`] from its input and the output gradient `g`: the
+/// log's `-sum(g) / s` spread over the row times `exp(z - max)`, plus `g`, then the affine's
+/// `scale`; each gradient accumulated onto candle's zeros (`0 + ...`) as its backward pass does.
+pub fn log_softmax_backward(x: &[f32], grad: &[f32], n: usize, scale: f64) -> Vec<f32> {
+    let chunk = rows_per_task(n) * n;
+    let mut out = vec![0f32; x.len()];
+    let ins = x.par_chunks(chunk).zip(grad.par_chunks(chunk));
+    out.par_chunks_mut(chunk).zip(ins).for_each(|(out, (x, grad))| {
+        let (mut exp, mut negated) = (vec![0f32; n], vec![0f32; n]);
+        for (out, (x, grad)) in out.chunks_mut(n).zip(x.chunks(n).zip(grad.chunks(n))) {
+            let sum = shifted_and_exp(x, scale, out, &mut exp);
+            for (m, &g) in negated.iter_mut().zip(grad) {
+                *m = 0.0 - g;
+            }
+            let grad_sum = 0.0 + row_sum(&negated) / sum;
+            for ((o, &e), &g) in out.iter_mut().zip(&exp).zip(grad) {
+                let shifted = (0.0 + g) + grad_sum * e;
+                *o = if scale == 1.0 { 0.0 + shifted } else { 0.0 + affine(shifted, scale, 0.0) };
+            }
+        }
+    });
+    out
+}
+
+/// One row of log-softmax's shared part: `shifted = z - max(z)` into `shifted`, `exp(shifted)`
+/// into `exp`; returns the sum of the exponentials.
+fn shifted_and_exp(x: &[f32], scale: f64, shifted: &mut [f32], exp: &mut [f32]) -> f32 {
+    for (s, &v) in shifted.iter_mut().zip(x) {
+        *s = if scale == 1.0 { v } else { affine(v, scale, 0.0) };
+    }
+    let max = row_max(shifted);
+    for (s, e) in shifted.iter_mut().zip(exp.iter_mut()) {
+        *s -= max;
+        *e = op::Exp::f32(*s);
+    }
+    row_sum(exp)
+}
+
 /// Exact GELU element-wise (candle's `gelu_erf` kernel).
 pub fn gelu_erf(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
@@ -557,6 +612,11 @@ fn contiguous_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]
         Storage::Cpu(storage) => cpu_f32(storage, layout),
         _ => None,
     }
+}
+
+/// The f32 elements of a CPU storage under a contiguous layout (for custom ops' `cpu_fwd`).
+pub(crate) fn contiguous_cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    if fused() { cpu_f32(storage, layout) } else { None }
 }
 
 /// The f32 elements of a CPU storage under a contiguous layout.

@@ -249,7 +249,7 @@ mod tests {
         for (a, b) in ours.iter().flatten().zip(fused.iter().flatten()) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        let log: Vec<Vec<f32>> = log_softmax_last_dim(&x).unwrap().exp().unwrap().to_vec2().unwrap();
+        let log: Vec<Vec<f32>> = log_softmax_last_dim(&x, 1.0).unwrap().exp().unwrap().to_vec2().unwrap();
         for (a, b) in log.iter().flatten().zip(fused.iter().flatten()) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
@@ -261,7 +261,7 @@ mod tests {
         let w =
             |t: &Tensor| Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, 1.5, -1.0], t.device())?.to_dtype(t.dtype());
         grads_agree(|t| softmax_last_dim(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?), &x);
-        grads_agree(|t| log_softmax_last_dim(&t.reshape((2, 3))?)?.flatten_all()?.mul(&w(t)?), &x);
+        grads_agree(|t| log_softmax_last_dim(&t.reshape((2, 3))?, 1.0)?.flatten_all()?.mul(&w(t)?), &x);
         grads_agree(|t| l2_normalize(&t.reshape((3, 2))?)?.flatten_all()?.mul(&w(t)?), &x);
         grads_agree(|t| gelu_erf(t)?.mul(&w(t)?), &x);
         grads_agree(
@@ -316,7 +316,13 @@ mod tests {
                 (Var::randn(1f32, 0.3, cols, &dev).unwrap(), Var::randn(0f32, 0.3, cols, &dev).unwrap());
             let r = Tensor::randn(0f32, 1.0, (cols, 5), &dev).unwrap();
             let ln = layer_norm(w.as_tensor(), b.as_tensor(), DType::F32);
-            let ops: [&UnaryOp; 3] = [&|t| ln.forward(t), &|t| softmax_last_dim(t), &|t| gelu_erf(t)];
+            let ops: [&UnaryOp; 5] = [
+                &|t| ln.forward(t),
+                &|t| softmax_last_dim(t),
+                &|t| gelu_erf(t),
+                &|t| log_softmax_last_dim(t, 1.0),
+                &|t| log_softmax_last_dim(t, 1.0 / 0.1),
+            ];
             for (i, op) in ops.iter().enumerate() {
                 let run = |composed: bool| {
                     cpu::COMPOSED_ONLY.with(|c| c.set(composed));

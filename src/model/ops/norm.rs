@@ -218,10 +218,55 @@ pub(super) fn softmax_backward(ys: &Tensor, grad: &Tensor, scale: f64) -> Result
     if scale == 1.0 { Ok(unscaled) } else { unscaled * scale }
 }
 
-/// Log-softmax over the last dim: `x - max - log(sum(exp(x - max)))`.
-pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+/// Log-softmax of `x * scale` over the last dim (`affine(scale, 0)` first, left out at scale 1):
+/// `z - max - log(sum(exp(z - max)))` with the max detached. On the CPU (contiguous f32) one
+/// autograd node whose passes are row-parallel loops with the composition's arithmetic (the
+/// backward recomputes the exponentials); elsewhere the composition of tensor ops.
+pub fn log_softmax_last_dim(xs: &Tensor, scale: f64) -> Result<Tensor> {
+    if cpu::with_f32([xs], |_| ()).is_some() {
+        return xs.apply_op1(LogSoftmax { scale });
+    }
+    let xs = if scale == 1.0 { xs.clone() } else { xs.affine(scale, 0.0)? };
     let shifted = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?.detach())?;
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// The CPU node of [`log_softmax_last_dim`].
+struct LogSoftmax {
+    scale: f64,
+}
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "log-softmax-last-dim-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        let n = *layout.dims().last().unwrap_or(&0);
+        match (cpu::contiguous_cpu_f32(storage, layout), n) {
+            (Some(x), 1..) => {
+                Ok((candle_core::CpuStorage::F32(cpu::log_softmax(x, n, self.scale)), layout.shape().clone()))
+            }
+            _ => {
+                candle_core::bail!("log-softmax: expected a contiguous f32 tensor with a non-empty last dim")
+            }
+        }
+    }
+
+    fn bwd(&self, xs: &Tensor, _ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = xs.dim(D::Minus1)?;
+        let grad = grad.contiguous()?;
+        match cpu::with_f32([xs, &grad], |[x, g]| cpu::log_softmax_backward(x, g, n, self.scale)) {
+            Some(grad_xs) => Ok(Some(Tensor::from_vec(grad_xs, xs.shape(), xs.device())?)),
+            None => {
+                candle_core::bail!("log-softmax: the backward pass needs contiguous f32 tensors on the CPU")
+            }
+        }
+    }
 }
 
 /// `F.normalize(x, dim=-1)`: `x / max(||x||_2, 1e-12)` row-wise.
