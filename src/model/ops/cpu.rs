@@ -1,7 +1,8 @@
 //! The CPU side of the custom ops: fused f32 loops, parallel over rows on rayon's pool (the one
 //! candle's GEMM uses), each doing its op's arithmetic element for element as the chain of candle
 //! kernels it replaces. Row sums and maxima go through candle's own `VecOps` (same summation
-//! order), unary functions through candle's `UnaryOpT` (same `exp`, `erf`), and each intermediate
+//! order), unary functions through candle's `UnaryOpT` (same `exp`, `erf`; rows of `exp` eight at a time
+//! in `vexp.rs`, with the same values), and each intermediate
 //! is rounded to f32 where the chain stored it: the results are bit-identical, while the chain's
 //! passes over memory, its allocations and its single thread are gone. A sum over rows (a
 //! parameter gradient) runs in parallel over columns, each column summed in row order as candle does.
@@ -474,9 +475,7 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f64) {
         *o = affine(*o, scale, 0.0);
     }
     let max = row_max(row);
-    for o in row.iter_mut() {
-        *o = op::Exp::f32(*o - max);
-    }
+    super::vexp::exp_shifted(row, max);
     let sum = row_sum(row);
     for o in row.iter_mut() {
         *o /= sum;
@@ -561,10 +560,11 @@ fn shifted_and_exp(x: &[f32], scale: f64, shifted: &mut [f32], exp: &mut [f32]) 
         *s = if scale == 1.0 { v } else { affine(v, scale, 0.0) };
     }
     let max = row_max(shifted);
-    for (s, e) in shifted.iter_mut().zip(exp.iter_mut()) {
+    for s in shifted.iter_mut() {
         *s -= max;
-        *e = op::Exp::f32(*s);
     }
+    exp.copy_from_slice(shifted);
+    super::vexp::exp_shifted(exp, 0.0);
     row_sum(exp)
 }
 
