@@ -49,16 +49,20 @@ impl Module for PatchEmbed {
         let (b, c, h, w) = xs.dims4()?;
         let p = self.patch;
         let (gh, gw) = (h / p, w / p);
-        let xs = if gh * p != h || gw * p != w {
-            xs.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
-        } else {
-            xs.clone()
+        let patches = match ops::cpu::patchify(xs, p) {
+            Some(patches) => patches?,
+            None => {
+                let xs = if gh * p != h || gw * p != w {
+                    xs.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
+                } else {
+                    xs.clone()
+                };
+                xs.reshape((b, c, gh, p, gw, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .contiguous()?
+                    .reshape((b * gh * gw, c * p * p))?
+            }
         };
-        let patches = xs
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, c * p * p))?;
         let d = self.weight.dim(0)?;
         let kernel = self.weight.reshape((d, c * p * p))?;
         ops::linear(&patches, &kernel, Some(&self.bias), self.matmul)?.reshape((b, gh * gw, d))

@@ -592,6 +592,46 @@ pub fn gelu_erf_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
     out
 }
 
+/// A batch of images `[B, C, H, W]` cut into `p x p` patches as `[B * gh * gw, C * p * p]`
+/// (`gh = H / p`, `gw = W / p`, the rest of each image left out): rows in (image, row, column)
+/// order, each row in (channel, y, x) order, what `reshape`, `permute` and `contiguous` produce,
+/// in parallel over rows. `None` for tensors that need gradients or are not contiguous f32 CPU
+/// tensors (the composition runs).
+pub fn patchify(xs: &Tensor, p: usize) -> Option<candle_core::Result<Tensor>> {
+    let (b, c, h, w) = xs.dims4().ok()?;
+    let (gh, gw) = (h / p, w / p);
+    if xs.track_op() || p == 0 {
+        return None;
+    }
+    let out = with_f32([xs], |[x]| {
+        let mut out = vec![0f32; b * gh * gw * c * p * p];
+        out.par_chunks_mut(c * p * p).enumerate().for_each(|(row, out)| {
+            let (image, gy, gx) = (row / (gh * gw), row / gw % gh, row % gw);
+            for (run, out) in out.chunks_exact_mut(p).enumerate() {
+                let (channel, y) = (run / p, gy * p + run % p);
+                let start = ((image * c + channel) * h + y) * w + gx * p;
+                copy_run(out, &x[start..start + p]);
+            }
+        });
+        out
+    })?;
+    Some(Tensor::from_vec(out, (b * gh * gw, c * p * p), xs.device()))
+}
+
+/// `out.copy_from_slice(x)`, inlined for the usual patch sizes (a library call per 8 values
+/// costs more than the copy).
+fn copy_run(out: &mut [f32], x: &[f32]) {
+    if let (Ok(out), Ok(x)) = (<&mut [f32; 8]>::try_from(&mut *out), <&[f32; 8]>::try_from(x)) {
+        *out = *x;
+        return;
+    }
+    if let (Ok(out), Ok(x)) = (<&mut [f32; 16]>::try_from(&mut *out), <&[f32; 16]>::try_from(x)) {
+        *out = *x;
+        return;
+    }
+    out.copy_from_slice(x);
+}
+
 /// The contiguous f32 data of `tensors` on the CPU, handed to `f`; `None` (and `f` not called)
 /// when one is on another device, in another dtype or strided.
 pub fn with_f32<const K: usize, R>(tensors: [&Tensor; K], f: impl FnOnce([&[f32]; K]) -> R) -> Option<R> {
@@ -633,6 +673,20 @@ fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patchify_equals_reshape_permute_contiguous() {
+        // Patch sizes 8 and 16 (the inlined copies) and 5, images whose sides are not multiples.
+        for (p, (b, c, h, w)) in [(8, (2, 3, 20, 17)), (16, (1, 2, 33, 40)), (5, (2, 1, 11, 10))] {
+            let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &candle_core::Device::Cpu).unwrap();
+            let ours = patchify(&x, p).unwrap().unwrap();
+            let (gh, gw) = (h / p, w / p);
+            let cropped = x.narrow(2, 0, gh * p).unwrap().narrow(3, 0, gw * p).unwrap();
+            let theirs = cropped.reshape((b, c, gh, p, gw, p)).unwrap().permute((0, 2, 4, 1, 3, 5)).unwrap();
+            let theirs = theirs.contiguous().unwrap().reshape((b * gh * gw, c * p * p)).unwrap();
+            assert_eq!(ours.to_vec2::<f32>().unwrap(), theirs.to_vec2::<f32>().unwrap(), "patch {p}");
+        }
+    }
 
     #[test]
     fn column_sums_add_each_column_in_row_order() {
