@@ -116,7 +116,8 @@ pub fn forward(
     let mut out = vec![0f32; sizes.b * sizes.out_image()];
     out.par_chunks_mut(sizes.out_image()).enumerate().for_each(|(image, out)| {
         for head in 0..sizes.h {
-            with_scratch(|s| forward_head(qkv, sizes, image, head, scale, rounding, s, out));
+            let at = HeadAt { qkv, sizes, image, head, scale, rounding };
+            with_scratch(|s| at.forward(s, out));
         }
     });
     Some(match qkv {
@@ -150,9 +151,8 @@ pub fn backward(
     let mut out = vec![0f32; qkv_elems.len()];
     out.par_chunks_mut(sizes.qkv_image()).enumerate().for_each(|(image, out)| {
         for head in 0..sizes.h {
-            with_scratch(|s| {
-                backward_head(qkv_elems, grad_elems, sizes, image, head, scale, rounding, s, out)
-            });
+            let at = HeadAt { qkv: qkv_elems, sizes, image, head, scale, rounding };
+            with_scratch(|s| at.backward(grad_elems, s, out));
         }
     });
     let shape = qkv.shape().clone();
@@ -206,117 +206,102 @@ fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
-/// q (0), k (1) or v (2) of one (image, head) as `[N, d]` into `out`, rounded as products see it.
-fn gather(
-    qkv: Elems,
-    sizes: Sizes,
-    image: usize,
-    part: usize,
-    head: usize,
-    rounding: Rounding,
-    out: &mut [f32],
-) {
-    let Sizes { n, h, d, .. } = sizes;
-    for (token, row) in out.chunks_mut(d).enumerate() {
-        let start = image * sizes.qkv_image() + token * 3 * h * d + (part * h + head) * d;
-        qkv.read(start, row);
-    }
-    rounding.apply(&mut out[..n * d]);
-}
-
-/// One (image, head) of the forward pass, written into `out` (the image's `[N, H d]` rows).
-#[allow(clippy::too_many_arguments)]
-fn forward_head(
-    qkv: Elems,
+/// One (image, head) of the problem: where its q, k and v sit in `qkv` and how its products round.
+#[derive(Clone, Copy)]
+struct HeadAt<'a> {
+    qkv: Elems<'a>,
     sizes: Sizes,
     image: usize,
     head: usize,
     scale: f64,
     rounding: Rounding,
-    s: &mut Scratch,
-    out: &mut [f32],
-) {
-    let Sizes { n, h, d, .. } = sizes;
-    let (q, k, v) = (sized(&mut s.q, n * d), sized(&mut s.k, n * d), sized(&mut s.v, n * d));
-    gather(qkv, sizes, image, 0, head, rounding, q);
-    gather(qkv, sizes, image, 1, head, rounding, k);
-    gather(qkv, sizes, image, 2, head, rounding, v);
-    let probs = sized(&mut s.probs, n * n);
-    product(Mat::rows(q, n, d), Mat::rows(k, n, d).t(), probs);
-    rounding.apply(probs);
-    for row in probs.chunks_mut(n) {
-        softmax_row(row, scale);
-    }
-    rounding.apply(probs);
-    let head_out = sized(&mut s.dv, n * d);
-    product(Mat::rows(probs, n, n), Mat::rows(v, n, d), head_out);
-    rounding.apply(head_out);
-    for (token, row) in head_out.chunks(d).enumerate() {
-        out[token * h * d + head * d..][..d].copy_from_slice(row);
-    }
 }
 
-/// One (image, head) of the backward pass, as the composition: `p` the recomputed probabilities,
-/// `dv = p^T g`, `dp = g v^T`, `ds = softmax_backward(p, dp)`, `dq = ds k`, `dk = (q^T ds)^T`,
-/// written into `out` (the image's `[N, 3 H d]` gradient rows).
-#[allow(clippy::too_many_arguments)]
-fn backward_head(
-    qkv: Elems,
-    grad: Elems,
-    sizes: Sizes,
-    image: usize,
-    head: usize,
-    scale: f64,
-    rounding: Rounding,
-    s: &mut Scratch,
-    out: &mut [f32],
-) {
-    let Sizes { n, h, d, .. } = sizes;
-    let (q, k, v) = (sized(&mut s.q, n * d), sized(&mut s.k, n * d), sized(&mut s.v, n * d));
-    gather(qkv, sizes, image, 0, head, rounding, q);
-    gather(qkv, sizes, image, 1, head, rounding, k);
-    gather(qkv, sizes, image, 2, head, rounding, v);
-    let g = sized(&mut s.g, n * d);
-    for (token, row) in g.chunks_mut(d).enumerate() {
-        grad.read(image * sizes.out_image() + token * h * d + head * d, row);
-    }
-    rounding.apply(g);
-    let (probs, square) = (sized(&mut s.probs, n * n), sized(&mut s.square, n * n));
-    product(Mat::rows(q, n, d), Mat::rows(k, n, d).t(), probs);
-    rounding.apply(probs);
-    for row in probs.chunks_mut(n) {
-        softmax_row(row, scale);
-    }
-    let dv = sized(&mut s.dv, n * d);
-    if rounding.0 {
-        // The product sees the probabilities rounded, the softmax backward below does not.
-        square.copy_from_slice(probs);
-        rounding.apply(square);
-        product(Mat::rows(square, n, n).t(), Mat::rows(g, n, d), dv);
-    } else {
-        product(Mat::rows(probs, n, n).t(), Mat::rows(g, n, d), dv);
-    }
-    rounding.apply(dv);
-    product(Mat::rows(g, n, d), Mat::rows(v, n, d).t(), square);
-    rounding.apply(square);
-    let row = sized(&mut s.row, n);
-    for (p, dp) in probs.chunks(n).zip(square.chunks_mut(n)) {
-        softmax_backward_row(row, p, dp, scale);
-        dp.copy_from_slice(row);
-    }
-    rounding.apply(square);
-    let (dq, dk_t) = (sized(&mut s.dq, n * d), sized(&mut s.dk_t, d * n));
-    product(Mat::rows(square, n, n), Mat::rows(k, n, d), dq);
-    product(Mat::rows(q, n, d).t(), Mat::rows(square, n, n), dk_t);
-    rounding.apply(dq);
-    rounding.apply(dk_t);
-    for token in 0..n {
-        let row = &mut out[token * 3 * h * d..][..3 * h * d];
-        row[head * d..][..d].copy_from_slice(&dq[token * d..][..d]);
-        for (j, o) in row[(h + head) * d..][..d].iter_mut().enumerate() {
-            *o = dk_t[j * n + token];
+impl HeadAt<'_> {
+    /// q (0), k (1) or v (2) as `[N, d]` into `out`, rounded as products see it.
+    fn gather(&self, part: usize, out: &mut [f32]) {
+        let Sizes { h, d, .. } = self.sizes;
+        for (token, row) in out.chunks_mut(d).enumerate() {
+            let start = self.image * self.sizes.qkv_image() + token * 3 * h * d + (part * h + self.head) * d;
+            self.qkv.read(start, row);
         }
-        row[(2 * h + head) * d..][..d].copy_from_slice(&dv[token * d..][..d]);
+        self.rounding.apply(out);
+    }
+
+    /// q, k and v into the scratch, and the probabilities `softmax(q k^T * scale)` (the product
+    /// rounded as a product, the probabilities not) into `s.probs`.
+    fn probabilities(&self, s: &mut Scratch) {
+        let Sizes { n, d, .. } = self.sizes;
+        let (q, k, v) = (sized(&mut s.q, n * d), sized(&mut s.k, n * d), sized(&mut s.v, n * d));
+        self.gather(0, q);
+        self.gather(1, k);
+        self.gather(2, v);
+        let probs = sized(&mut s.probs, n * n);
+        product(Mat::rows(q, n, d), Mat::rows(k, n, d).t(), probs);
+        self.rounding.apply(probs);
+        for row in probs.chunks_mut(n) {
+            softmax_row(row, self.scale);
+        }
+    }
+
+    /// The forward pass, written into `out` (the image's `[N, H d]` rows).
+    fn forward(&self, s: &mut Scratch, out: &mut [f32]) {
+        let Sizes { n, h, d, .. } = self.sizes;
+        self.probabilities(s);
+        let probs = &mut s.probs[..n * n];
+        self.rounding.apply(probs);
+        let head_out = sized(&mut s.dv, n * d);
+        product(Mat::rows(probs, n, n), Mat::rows(&s.v[..n * d], n, d), head_out);
+        self.rounding.apply(head_out);
+        for (token, row) in head_out.chunks(d).enumerate() {
+            out[token * h * d + self.head * d..][..d].copy_from_slice(row);
+        }
+    }
+
+    /// The backward pass, as the composition: `p` the recomputed probabilities, `dv = p^T g`,
+    /// `dp = g v^T`, `ds = softmax_backward(p, dp)`, `dq = ds k`, `dk = (q^T ds)^T`, from the output
+    /// gradient `grad` into `out` (the image's `[N, 3 H d]` gradient rows).
+    fn backward(&self, grad: Elems, s: &mut Scratch, out: &mut [f32]) {
+        let Sizes { n, h, d, .. } = self.sizes;
+        self.probabilities(s);
+        let (q, k, v) = (&s.q[..n * d], &s.k[..n * d], &s.v[..n * d]);
+        let g = sized(&mut s.g, n * d);
+        for (token, row) in g.chunks_mut(d).enumerate() {
+            grad.read(self.image * self.sizes.out_image() + token * h * d + self.head * d, row);
+        }
+        self.rounding.apply(g);
+        let (probs, square) = (&s.probs[..n * n], sized(&mut s.square, n * n));
+        let dv = sized(&mut s.dv, n * d);
+        if self.rounding.0 {
+            // The product sees the probabilities rounded, the softmax backward below does not.
+            square.copy_from_slice(probs);
+            self.rounding.apply(square);
+            product(Mat::rows(square, n, n).t(), Mat::rows(g, n, d), dv);
+        } else {
+            product(Mat::rows(probs, n, n).t(), Mat::rows(g, n, d), dv);
+        }
+        self.rounding.apply(dv);
+        product(Mat::rows(g, n, d), Mat::rows(v, n, d).t(), square);
+        self.rounding.apply(square);
+        let row = sized(&mut s.row, n);
+        for (p, dp) in probs.chunks(n).zip(square.chunks_mut(n)) {
+            softmax_backward_row(row, p, dp, self.scale);
+            dp.copy_from_slice(row);
+        }
+        self.rounding.apply(square);
+        let (dq, dk_t) = (sized(&mut s.dq, n * d), sized(&mut s.dk_t, d * n));
+        product(Mat::rows(square, n, n), Mat::rows(k, n, d), dq);
+        product(Mat::rows(q, n, d).t(), Mat::rows(square, n, n), dk_t);
+        self.rounding.apply(dq);
+        self.rounding.apply(dk_t);
+        for token in 0..n {
+            let row = &mut out[token * 3 * h * d..][..3 * h * d];
+            row[self.head * d..][..d].copy_from_slice(&dq[token * d..][..d]);
+            for (j, o) in row[(h + self.head) * d..][..d].iter_mut().enumerate() {
+                *o = dk_t[j * n + token];
+            }
+            row[(2 * h + self.head) * d..][..d].copy_from_slice(&dv[token * d..][..d]);
+        }
     }
 }
 
