@@ -228,7 +228,7 @@ pub fn weight_norm_backward(
 }
 
 /// f32 values rounded to bf16 (candle's `to_dtype`: `bf16::from_f32`), in parallel.
-fn narrow(xs: &[f32]) -> Vec<bf16> {
+pub(crate) fn narrow(xs: &[f32]) -> Vec<bf16> {
     xs.par_iter().with_min_len(GRAIN).map(|&v| bf16::from_f32(v)).collect()
 }
 

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::cpu::{fused, softmax_backward_row, softmax_row};
+use super::cpu::{fused, narrow, softmax_backward_row, softmax_row};
 
 /// The attention problem's sizes: `qkv` is `[b, n, 3 * h * d]`.
 #[derive(Clone, Copy)]
@@ -122,9 +122,7 @@ pub fn forward(
     });
     Some(match qkv {
         Elems::F32(_) => CpuStorage::F32(out),
-        Elems::BF16(_) => {
-            CpuStorage::BF16(out.par_iter().with_min_len(1 << 14).map(|&v| bf16::from_f32(v)).collect())
-        }
+        Elems::BF16(_) => CpuStorage::BF16(narrow(&out)),
     })
 }
 
@@ -158,10 +156,7 @@ pub fn backward(
     let shape = qkv.shape().clone();
     Some(match qkv_elems {
         Elems::F32(_) => Tensor::from_vec(out, shape, qkv.device()),
-        Elems::BF16(_) => {
-            let out: Vec<bf16> = out.par_iter().with_min_len(1 << 14).map(|&v| bf16::from_f32(v)).collect();
-            Tensor::from_vec(out, shape, qkv.device())
-        }
+        Elems::BF16(_) => Tensor::from_vec(narrow(&out), shape, qkv.device()),
     })
 }
 

@@ -80,12 +80,12 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted(row: &mut [f32], shift: f32) {
-        let shift = _mm256_set1_ps(shift);
+        let shifts = _mm256_set1_ps(shift);
         let (low, high) = (_mm256_set1_ps(f32::from_bits(LOWEST)), _mm256_set1_ps(f32::from_bits(HIGHEST)));
         let mut chunks = row.chunks_exact_mut(8);
         for chunk in &mut chunks {
             // SAFETY: `chunk` holds 8 f32; unaligned loads and stores.
-            let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, shift);
+            let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, shifts);
             let inside = _mm256_and_ps(_mm256_cmp_ps(x, low, _CMP_GE_OQ), _mm256_cmp_ps(x, high, _CMP_LE_OQ));
             if _mm256_movemask_ps(inside) == 0xff {
                 let lower = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
@@ -101,7 +101,7 @@ mod avx2 {
         }
         let rest = chunks.into_remainder();
         for v in rest {
-            *v = (*v - _mm256_cvtss_f32(shift)).exp();
+            *v = (*v - shift).exp();
         }
     }
 
