@@ -1,8 +1,8 @@
 //! The CPU side of the custom ops: fused f32 loops, parallel over rows on rayon's pool (the one
 //! candle's GEMM uses), each doing its op's arithmetic element for element as the chain of candle
 //! kernels it replaces. Row sums and maxima go through candle's own `VecOps` (same summation
-//! order), unary functions through candle's `UnaryOpT` (same `exp`, `erf`; rows of `exp` eight at a time
-//! in `vexp.rs`, with the same values), and each intermediate
+//! order), unary functions through candle's `UnaryOpT` (same `exp`, `erf`; rows of `exp` and `erf` eight
+//! at a time in `vexp.rs` and `verf.rs`, with the same values), and each intermediate
 //! is rounded to f32 where the chain stored it: the results are bit-identical, while the chain's
 //! passes over memory, its allocations and its single thread are gone. A sum over rows (a
 //! parameter gradient) runs in parallel over columns, each column summed in row order as candle does.
@@ -336,15 +336,6 @@ fn rows_per_task(n: usize) -> usize {
     (GRAIN / n.max(1)).max(1)
 }
 
-/// `f(out, x)` element-wise, in parallel over chunks.
-fn map(out: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32 + Sync) {
-    out.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(out, x)| {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = f(v);
-        }
-    });
-}
-
 /// candle's `sum_keepdim` over a contiguous last dim.
 fn row_sum(row: &[f32]) -> f32 {
     let mut sum = 0.0;
@@ -568,23 +559,37 @@ fn shifted_and_exp(x: &[f32], scale: f64, shifted: &mut [f32], exp: &mut [f32]) 
     row_sum(exp)
 }
 
-/// Exact GELU element-wise (candle's `gelu_erf` kernel).
+/// Exact GELU element-wise (candle's `gelu_erf` kernel, `(erf(x / sqrt 2) + 1) * 0.5 * x`), `erf`
+/// eight at a time.
 pub fn gelu_erf(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    map(&mut out, x, op::GeluErf::f32);
+    out.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(out, x)| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * std::f32::consts::FRAC_1_SQRT_2;
+        }
+        super::verf::erf(out);
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (*o + 1.0) * 0.5 * v;
+        }
+    });
     out
 }
 
 /// GELU's backward pass (`GeluErf::bwd` in f32): `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`,
-/// rounded step by step as the composition of tensor ops.
+/// rounded step by step as the composition of tensor ops; `exp` and `erf` eight at a time.
 pub fn gelu_erf_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     let ins = x.par_chunks(GRAIN).zip(grad.par_chunks(GRAIN));
     out.par_chunks_mut(GRAIN).zip(ins).for_each(|(out, (x, grad))| {
-        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
-            let neg_half_square = affine(-(x * x), 1.0 / 2.0, 0.0);
-            let scaled_exp_arg = affine(op::Exp::f32(neg_half_square), 0.398942, 0.0) * x;
-            let erf_scaled_sqrt = affine(op::Erf::f32(affine(x, 1.0 / 2f64.sqrt(), 0.0)), 0.5, 0.0);
+        let mut exp: Vec<f32> = x.iter().map(|&x| affine(-(x * x), 1.0 / 2.0, 0.0)).collect();
+        super::vexp::exp_shifted(&mut exp, 0.0);
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = affine(x, 1.0 / 2f64.sqrt(), 0.0);
+        }
+        super::verf::erf(out);
+        for ((o, &x), (&g, &exp)) in out.iter_mut().zip(x).zip(grad.iter().zip(&exp)) {
+            let scaled_exp_arg = affine(exp, 0.398942, 0.0) * x;
+            let erf_scaled_sqrt = affine(*o, 0.5, 0.0);
             let derivative = affine(scaled_exp_arg, 1.0, 0.5) + erf_scaled_sqrt;
             *o = g * derivative;
         }

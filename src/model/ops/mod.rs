@@ -80,6 +80,7 @@ mod matmul;
 mod norm;
 mod pointwise;
 mod resize;
+mod verf;
 mod vexp;
 mod weight_norm;
 
