@@ -132,25 +132,40 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = xs.elem_count() / in_dim;
-        let ys = linear(&xs.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref(), self.matmul)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("a linear input has at least one dim") = self.weight.dim(0)?;
-        ys.reshape(out_dims)
+        linear(xs, &self.weight, self.bias.as_ref(), self.matmul)
     }
 }
 
-/// `x W^T + b` for `x` `[rows, in]`, `W` `[out, in]`, computed in `matmul` and returned in it
-/// (autocast's `linear`: bf16 in, bf16 out). With a bias it is one autograd node (PyTorch's
-/// `addmm`): the graph keeps x, W and b, not the product before the bias is added. In f32 the
-/// arithmetic is that of `matmul` then `broadcast_add`.
+/// `x W^T + b` for `x` `[..., in]`, `W` `[out, in]`, computed in `matmul` and returned in it
+/// (autocast's `linear`: bf16 in, bf16 out), `[..., out]`. With a bias it is one autograd node
+/// (PyTorch's `addmm`) whatever the rank of `x`: the graph keeps x, W and b, neither the product
+/// before the bias is added nor reshaped copies of x and the output (each a node whose gradient
+/// candle would add up on its own). In f32 the arithmetic is that of `matmul` then `broadcast_add`
+/// on the rows of x.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, matmul: DType) -> Result<Tensor> {
     match bias {
-        Some(bias) => xs.apply_op3(weight, bias, LinearOp { matmul }),
-        None => matmul_in(&xs.to_dtype(matmul)?, &weight.t()?, matmul),
+        Some(bias) => xs.contiguous()?.apply_op3(weight, bias, LinearOp { matmul }),
+        None => {
+            let (rows, out_shape) = rows_and_output(xs.shape(), weight.dims())?;
+            let ys = matmul_in(&xs.reshape(rows)?.to_dtype(matmul)?, &weight.t()?, matmul)?;
+            ys.reshape(out_shape)
+        }
     }
+}
+
+/// For `x` of `shape` `[..., in]` and `weight` `[out, in]`: x's shape as rows `[n, in]`, and the
+/// output's shape `[..., out]`.
+fn rows_and_output(shape: &Shape, weight: &[usize]) -> Result<(Shape, Shape)> {
+    let dims = shape.dims();
+    let Some((&in_dim, leading)) = dims.split_last() else {
+        candle_core::bail!("linear: a scalar input has no features");
+    };
+    let rows = leading.iter().product::<usize>();
+    let Some(&out_dim) = weight.first() else {
+        candle_core::bail!("linear: a weight without dims");
+    };
+    let out_dims: Vec<usize> = leading.iter().copied().chain([out_dim]).collect();
+    Ok(((rows, in_dim).into(), out_dims.into()))
 }
 
 struct LinearOp {
@@ -159,19 +174,23 @@ struct LinearOp {
 
 impl LinearOp {
     /// The forward pass at the storage level, on any backend.
+    /// The forward pass at the storage level, on any backend; `xs` is contiguous (see [`linear`]).
     fn forward<S: Fused>(
         &self,
-        xs: (&S, &Layout),
+        (xs, xs_layout): (&S, &Layout),
         (weight, weight_layout): (&S, &Layout),
         (bias, bias_layout): (&S, &Layout),
     ) -> Result<(S, Shape)> {
-        let (mut ys, layout) = product_in(xs, (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
+        let (rows, out_shape) = rows_and_output(xs_layout.shape(), weight_layout.dims())?;
+        let rows = Layout::contiguous_with_offset(rows, xs_layout.start_offset());
+        let (mut ys, layout) =
+            product_in((xs, &rows), (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
         let bias = Operand::new(bias, bias_layout, self.matmul)?;
         let bias_rows = bias.layout.broadcast_as(layout.shape())?;
         if S::add_bias(&mut ys, (bias.storage(), &bias.layout)).is_some() {
-            return Ok((ys, layout.shape().clone()));
+            return Ok((ys, out_shape));
         }
-        Ok((ys.binary_impl::<op::Add>(bias.storage(), &layout, &bias_rows)?, layout.shape().clone()))
+        Ok((ys.binary_impl::<op::Add>(bias.storage(), &layout, &bias_rows)?, out_shape))
     }
 }
 
@@ -192,9 +211,11 @@ impl CustomOp3 for LinearOp {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad_xs = to_dtype(&matmul_in(grad, weight, self.matmul)?, xs.dtype())?;
-        let grad_weight = matmul_in(&xs.t()?, grad, self.matmul)?.t()?.to_dtype(weight.dtype())?;
-        let grad = to_dtype(grad, bias.dtype())?;
+        let (rows, _) = rows_and_output(xs.shape(), weight.dims())?;
+        let (xs_rows, grad) = (xs.reshape(rows)?, grad.reshape(((), weight.dim(0)?))?);
+        let grad_xs = to_dtype(&matmul_in(&grad, weight, self.matmul)?, xs.dtype())?.reshape(xs.shape())?;
+        let grad_weight = matmul_in(&xs_rows.t()?, &grad, self.matmul)?.t()?.to_dtype(weight.dtype())?;
+        let grad = to_dtype(&grad, bias.dtype())?;
         let grad_bias = match cpu::with_f32([&grad], |[g]| cpu::column_sum(g, bias.elem_count())) {
             Some(sum) => Tensor::from_vec(sum, bias.shape(), bias.device())?,
             None => grad.sum_keepdim(0)?.squeeze(0)?,

@@ -33,80 +33,76 @@ mod avx2 {
 
     use super::{UnaryOpT, op};
 
-    /// erx = 1 - erf(1) rounded, as in `s_erff.c`.
-    const ERX: f32 = 8.4506291151e-01;
+    /// The constants of `s_erff.c` and `e_expf.c`, by their bit patterns (as those files list them).
+    const fn f(bits: u32) -> f32 {
+        f32::from_bits(bits)
+    }
+
+    /// erx: erf(1) to f32 precision.
+    const ERX: f32 = f(0x3f58560b);
     /// erf on [0, 0.84375]: `x + x * P(z) / Q(z)`, z = x^2 (coefficients lowest first).
-    const PP: [f32; 5] =
-        [1.2837916613e-01, -3.2504209876e-01, -2.8481749818e-02, -5.7702702470e-03, -2.3763017452e-05];
-    const QQ: [f32; 6] =
-        [1.0, 3.9791721106e-01, 6.5022252500e-02, 5.0813062117e-03, 1.3249473704e-04, -3.9602282413e-06];
+    const PP: [f32; 5] = [f(0x3e0375d4), f(0xbea66beb), f(0xbce9528f), f(0xbbbd1489), f(0xb7c756b1)];
+    const QQ: [f32; 6] = [1.0, f(0x3ecbbbce), f(0x3d852a63), f(0x3ba68116), f(0x390aee49), f(0xb684e21a)];
     /// erf on [0.84375, 1.25]: `erx + P(s) / Q(s)`, s = |x| - 1.
     const PA: [f32; 7] = [
-        -2.3621185683e-03,
-        4.1485610604e-01,
-        -3.7220788002e-01,
-        3.1834661961e-01,
-        -1.1089469492e-01,
-        3.5478305072e-02,
-        -2.1663755178e-03,
+        f(0xbb1acdc6),
+        f(0x3ed46805),
+        f(0xbebe9208),
+        f(0x3ea2fe54),
+        f(0xbde31cc2),
+        f(0x3d1151b3),
+        f(0xbb0df9c0),
     ];
-    const QA: [f32; 7] = [
-        1.0,
-        1.0642088205e-01,
-        5.4039794207e-01,
-        7.1828655899e-02,
-        1.2617121637e-01,
-        1.3637083583e-02,
-        1.1984500103e-02,
-    ];
+    const QA: [f32; 7] =
+        [1.0, f(0x3dd9f331), f(0x3f0a5785), f(0x3d931ae7), f(0x3e013307), f(0x3c5f6e13), f(0x3c445aa3)];
     /// erfc on [1.25, 1/0.35]: `exp(-z^2 - 0.5625) exp((z - x)(z + x) + R(s)/S(s)) / x`, s = 1/x^2.
     const RA: [f32; 8] = [
-        -9.8649440333e-03,
-        -6.9385856390e-01,
-        -1.0558626175e+01,
-        -6.2375331879e+01,
-        -1.6239666748e+02,
-        -1.8460508728e+02,
-        -8.1287437439e+01,
-        -9.8143291473e+00,
+        f(0xbc21a093),
+        f(0xbf31a0b7),
+        f(0xc128f022),
+        f(0xc2798057),
+        f(0xc322658c),
+        f(0xc3389ae7),
+        f(0xc2a2932b),
+        f(0xc11d077e),
     ];
     const SA: [f32; 9] = [
         1.0,
-        1.9651271820e+01,
-        1.3765776062e+02,
-        4.3456588745e+02,
-        6.4538726807e+02,
-        4.2900814819e+02,
-        1.0863500214e+02,
-        6.5702495575e+00,
-        -6.0424413532e-02,
+        f(0x419d35ce),
+        f(0x4309a863),
+        f(0x43d9486f),
+        f(0x442158c9),
+        f(0x43d6810b),
+        f(0x42d9451f),
+        f(0x40d23f7c),
+        f(0xbd777f97),
     ];
     /// erfc on [1/0.35, 6].
     const RB: [f32; 7] = [
-        -9.8649431020e-03,
-        -7.9928326607e-01,
-        -1.7757955551e+01,
-        -1.6063638306e+02,
-        -6.3756646729e+02,
-        -1.0250950928e+03,
-        -4.8351919556e+02,
+        f(0xbc21a092),
+        f(0xbf4c9dd4),
+        f(0xc18e104b),
+        f(0xc320a2ea),
+        f(0xc41f6441),
+        f(0xc480230b),
+        f(0xc3f1c275),
     ];
     const SB: [f32; 8] = [
         1.0,
-        3.0338060379e+01,
-        3.2579251099e+02,
-        1.5367296143e+03,
-        3.1998581543e+03,
-        2.5530502930e+03,
-        4.7452853394e+02,
-        -2.2440952301e+01,
+        f(0x41f2b459),
+        f(0x43a2e571),
+        f(0x44c01759),
+        f(0x4547fdbb),
+        f(0x451f90ce),
+        f(0x43ed43a7),
+        f(0xc1b38712),
     ];
     /// `e_expf.c`: ln 2 split in two, 1 / ln 2, and the rational correction's coefficients.
-    const LN2_HI: f32 = 6.9314575195e-01;
-    const LN2_LO: f32 = 1.4286067653e-06;
-    const INV_LN2: f32 = 1.4426950216e+00;
-    const EXP_P1: f32 = 1.6666625440e-1;
-    const EXP_P2: f32 = -2.7667332906e-3;
+    const LN2_HI: f32 = f(0x3f317200);
+    const LN2_LO: f32 = f(0x35bfbe8e);
+    const INV_LN2: f32 = f(0x3fb8aa3b);
+    const EXP_P1: f32 = f(0x3e2aaa8f);
+    const EXP_P2: f32 = f(0xbb355215);
 
     /// |x| bounds (as f32 bit patterns) where `erff` and `expf` change approximation.
     const ERF_TINY: u32 = 0x31800000;
