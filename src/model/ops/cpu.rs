@@ -1,8 +1,7 @@
 //! The CPU side of the custom ops: fused f32 loops, parallel over rows on rayon's pool (the one
 //! candle's GEMM uses), each doing its op's arithmetic element for element as the chain of candle
 //! kernels it replaces. Row sums and maxima go through candle's own `VecOps` (same summation
-//! order), unary functions through candle's `UnaryOpT` (same `exp`, `erf`; rows of `exp` and `erf` eight
-//! at a time in `vexp.rs` and `verf.rs`, with the same values), and each intermediate
+//! order), `exp` and `erf` eight at a time with candle's values (`vexp.rs`, `verf.rs`), and each intermediate
 //! is rounded to f32 where the chain stored it: the results are bit-identical, while the chain's
 //! passes over memory, its allocations and its single thread are gone. A sum over rows (a
 //! parameter gradient) runs in parallel over columns, each column summed in row order as candle does.
@@ -12,7 +11,6 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cpu::kernels::VecOps;
-use candle_core::op::{self, UnaryOpT};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -66,13 +64,11 @@ impl Fused for CpuStorage {
             return None;
         }
         match self {
-            // candle's bf16 GELU evaluates erf in f64 per element; the same function, in parallel.
+            // In f32 and rounded to bf16, as PyTorch computes a bf16 GELU (candle's CPU kernel
+            // evaluates erf in f64 per element, one bf16 step apart on a few values in 10^4).
             CpuStorage::BF16(data) => {
                 let (start, end) = layout.contiguous_offsets()?;
-                let xs = &data[start..end];
-                Some(CpuStorage::BF16(
-                    xs.par_iter().with_min_len(GRAIN).map(|&v| op::GeluErf::bf16(v)).collect(),
-                ))
+                Some(CpuStorage::BF16(gelu_erf_bf16(&data[start..end])))
             }
             _ => Some(CpuStorage::F32(gelu_erf(cpu_f32(self, layout)?))),
         }
@@ -229,12 +225,37 @@ pub fn weight_norm_backward(
 
 /// f32 values rounded to bf16 (candle's `to_dtype`: `bf16::from_f32`), in parallel.
 pub(crate) fn narrow(xs: &[f32]) -> Vec<bf16> {
-    xs.par_iter().with_min_len(GRAIN).map(|&v| bf16::from_f32(v)).collect()
+    let mut out = vec![bf16::ZERO; xs.len()];
+    out.par_chunks_mut(GRAIN).zip(xs.par_chunks(GRAIN)).for_each(|(out, xs)| {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            *o = bf16::from_bits(bf16_bits(x));
+        }
+    });
+    out
 }
 
 /// bf16 values widened to f32, in parallel.
 fn widen(xs: &[bf16]) -> Vec<f32> {
-    xs.par_iter().with_min_len(GRAIN).map(|&v| v.to_f32()).collect()
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(GRAIN).zip(xs.par_chunks(GRAIN)).for_each(|(out, xs)| widen_into(out, xs));
+    out
+}
+
+fn widen_into(out: &mut [f32], xs: &[bf16]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = f32::from_bits(u32::from(x.to_bits()) << 16);
+    }
+}
+
+/// The bits of `bf16::from_f32(x)` (round to nearest even, NaN kept and made quiet) without
+/// branches, so that loops over slices vectorise.
+#[inline]
+fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    let round_up = bits & 0x8000 != 0 && bits & 0x1_7fff != 0;
+    let rounded = (bits >> 16) + u32::from(round_up);
+    (if nan { (bits >> 16) | 0x40 } else { rounded }) as u16
 }
 
 /// The f32 values of a product operand rounded to bf16, as f32 (exactly what candle's bf16
@@ -245,12 +266,16 @@ fn rounded_to_bf16(storage: &CpuStorage, layout: &Layout) -> Option<(Vec<f32>, L
     let last = layout.dims().iter().zip(layout.stride()).map(|(&d, &s)| d.checked_sub(1).map(|d| d * s));
     let end = start + last.sum::<Option<usize>>()? + 1;
     let values = match storage {
-        CpuStorage::F32(data) => data
-            .get(start..end)?
-            .par_iter()
-            .with_min_len(GRAIN)
-            .map(|&v| bf16::from_f32(v).to_f32())
-            .collect(),
+        CpuStorage::F32(data) => {
+            let data = data.get(start..end)?;
+            let mut out = vec![0f32; data.len()];
+            out.par_chunks_mut(GRAIN).zip(data.par_chunks(GRAIN)).for_each(|(out, xs)| {
+                for (o, &x) in out.iter_mut().zip(xs) {
+                    *o = f32::from_bits(u32::from(bf16_bits(x)) << 16);
+                }
+            });
+            out
+        }
         CpuStorage::BF16(data) => widen(data.get(start..end)?),
         _ => return None,
     };
@@ -563,16 +588,33 @@ fn shifted_and_exp(x: &[f32], scale: f64, shifted: &mut [f32], exp: &mut [f32]) 
 /// eight at a time.
 pub fn gelu_erf(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(out, x)| gelu_erf_into(out, x));
+    out
+}
+
+/// Exact GELU of bf16 values computed in f32 ([`gelu_erf`]), rounded to bf16.
+fn gelu_erf_bf16(x: &[bf16]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; x.len()];
     out.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(out, x)| {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = v * std::f32::consts::FRAC_1_SQRT_2;
-        }
-        super::verf::erf(out);
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = (*o + 1.0) * 0.5 * v;
+        let mut wide = vec![0f32; x.len()];
+        widen_into(&mut wide, x);
+        let mut ys = vec![0f32; x.len()];
+        gelu_erf_into(&mut ys, &wide);
+        for (o, &y) in out.iter_mut().zip(&ys) {
+            *o = bf16::from_bits(bf16_bits(y));
         }
     });
     out
+}
+
+fn gelu_erf_into(out: &mut [f32], x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * std::f32::consts::FRAC_1_SQRT_2;
+    }
+    super::verf::erf(out);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (*o + 1.0) * 0.5 * v;
+    }
 }
 
 /// GELU's backward pass (`GeluErf::bwd` in f32): `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`,
@@ -691,6 +733,29 @@ mod tests {
             let theirs = theirs.contiguous().unwrap().reshape((b * gh * gw, c * p * p)).unwrap();
             assert_eq!(ours.to_vec2::<f32>().unwrap(), theirs.to_vec2::<f32>().unwrap(), "patch {p}");
         }
+    }
+
+    #[test]
+    fn bf16_conversions_equal_the_half_crates() {
+        // Every 4099th bit pattern, the rounding ties around 1, NaNs and infinities.
+        let ties = (0x3f80_7ff0..0x3f81_8010).map(f32::from_bits);
+        let special = [f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001), f32::INFINITY, f32::NEG_INFINITY];
+        let xs: Vec<f32> =
+            (0..=u32::MAX).step_by(4099).map(f32::from_bits).chain(ties).chain(special).collect();
+        let ours = narrow(&xs);
+        for (x, y) in xs.iter().zip(&ours) {
+            assert_eq!(y.to_bits(), bf16::from_f32(*x).to_bits(), "{x:e}");
+        }
+        let wide = widen(&ours);
+        for (y, w) in ours.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), y.to_f32().to_bits());
+        }
+        let storage = CpuStorage::F32(xs.clone());
+        let (rounded, _) = rounded_to_bf16(&storage, &Layout::contiguous(xs.len())).unwrap();
+        assert_eq!(
+            rounded.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

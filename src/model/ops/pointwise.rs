@@ -9,7 +9,8 @@ use super::matmul::Operand;
 use super::{Fused, cpu, to_dtype};
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`), not candle's tanh `gelu`, in the
-/// input's dtype. The backward is candle's (which rounds `1/sqrt(2 pi)` to 0.398942, 7e-7
+/// input's dtype (on the CPU a bf16 input is computed in f32 and rounded, as PyTorch does; other
+/// backends run candle's kernel). The backward is candle's (which rounds `1/sqrt(2 pi)` to 0.398942, 7e-7
 /// relative; the golden gradients still match PyTorch's within 1e-6) evaluated in f32 for bf16
 /// inputs, as PyTorch does.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
