@@ -173,7 +173,6 @@ struct LinearOp {
 }
 
 impl LinearOp {
-    /// The forward pass at the storage level, on any backend.
     /// The forward pass at the storage level, on any backend; `xs` is contiguous (see [`linear`]).
     fn forward<S: Fused>(
         &self,
@@ -181,6 +180,9 @@ impl LinearOp {
         (weight, weight_layout): (&S, &Layout),
         (bias, bias_layout): (&S, &Layout),
     ) -> Result<(S, Shape)> {
+        if !xs_layout.is_contiguous() {
+            candle_core::bail!("linear: the input must be contiguous (linear() makes it so)");
+        }
         let (rows, out_shape) = rows_and_output(xs_layout.shape(), weight_layout.dims())?;
         let rows = Layout::contiguous_with_offset(rows, xs_layout.start_offset());
         let (mut ys, layout) =
