@@ -393,6 +393,39 @@ mod tests {
     }
 
     #[test]
+    fn linear_on_batches_of_rows_equals_linear_on_the_rows_in_both_passes() {
+        // [2, 3, 37] contiguous and [3, 2, 37] transposed (made contiguous first), with and
+        // without a bias, against the same rows as one [6, 37] matrix.
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 37), &dev).unwrap();
+        let w = Var::randn(0f32, 0.3, (70, 37), &dev).unwrap();
+        let b = Var::randn(0f32, 0.3, 70, &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for bias in [Some(b.as_tensor()), None] {
+            let run = |batched: bool, transposed: bool| {
+                let input = if transposed { x.transpose(0, 1).unwrap() } else { x.as_tensor().clone() };
+                let out = if batched {
+                    linear(&input, w.as_tensor(), bias, DType::F32).unwrap()
+                } else {
+                    let rows = input.contiguous().unwrap().reshape((6, 37)).unwrap();
+                    let out = linear(&rows, w.as_tensor(), bias, DType::F32).unwrap();
+                    out.reshape(input.dims()[..2].iter().copied().chain([70]).collect::<Vec<_>>()).unwrap()
+                };
+                let out = if transposed { out.transpose(0, 1).unwrap() } else { out };
+                let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut all = vec![values(&out)];
+                all.extend([&x, &w].map(|v| values(grads.get(v.as_tensor()).unwrap())));
+                all.extend(bias.map(|b| values(grads.get(b).unwrap())));
+                all
+            };
+            for transposed in [false, true] {
+                assert_eq!(run(true, transposed), run(false, transposed), "bias {}", bias.is_some());
+            }
+        }
+    }
+
+    #[test]
     fn attention_equals_the_tensor_op_composition_in_both_passes() {
         // A toy size, and the sizes of a ViT's 56 px and 120 px views (50 and 226 tokens, heads
         // of 16): the per-head CPU kernel against DINO's composition, f32 and bf16, with f32 and
