@@ -155,7 +155,7 @@ mod avx2 {
             (false, _) => erfc_large(ax),
         };
         // 1 - erfc, or 1 - 2^-120 from 6 on; the sign put back.
-        let tail = _mm256_set1_ps(f32::from_bits(0x03800000));
+        let tail = bits(0x03800000);
         let erfc = _mm256_blendv_ps(tail, erfc, below(ax, ERF_ONE));
         let y = _mm256_or_ps(_mm256_sub_ps(_mm256_set1_ps(1.0), erfc), sign);
         (_mm256_blendv_ps(y, near_zero, small), vector)
