@@ -117,7 +117,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&ops::gelu_erf(&self.fc1.forward(xs)?)?)
+        self.fc2.forward_gelu(&self.fc1.forward(xs)?)
     }
 }
 

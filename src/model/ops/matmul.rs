@@ -4,7 +4,8 @@
 use candle_core::{CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, op};
 use candle_nn::{Init, VarBuilder};
 
-use super::{Fused, TRUNC_NORMAL_02, cast, convert, cpu, to_dtype};
+use super::pointwise::{gelu_erf_grad, gelu_erf_storage};
+use super::{Fused, TRUNC_NORMAL_02, cast, convert, cpu, gelu_erf, to_dtype};
 
 /// `a @ b` computed in `dtype` and returned in `a`'s dtype: with `BF16` and f32 operands both are
 /// rounded to bf16 and the product (f32-accumulated by the GEMM, rounded to bf16) comes back as
@@ -130,6 +131,13 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// This layer applied to `gelu(xs)` ([`gelu_linear`]).
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        gelu_linear(xs, &self.weight, self.bias.as_ref(), self.matmul)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         linear(xs, &self.weight, self.bias.as_ref(), self.matmul)
@@ -144,12 +152,23 @@ impl Module for Linear {
 /// on the rows of x.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, matmul: DType) -> Result<Tensor> {
     match bias {
-        Some(bias) => xs.contiguous()?.apply_op3(weight, bias, LinearOp { matmul }),
+        Some(bias) => xs.contiguous()?.apply_op3(weight, bias, LinearOp { matmul, gelu_input: false }),
         None => {
             let (rows, out_shape) = rows_and_output(xs.shape(), weight.dims())?;
             let ys = matmul_in(&xs.reshape(rows)?.to_dtype(matmul)?, &weight.t()?, matmul)?;
             ys.reshape(out_shape)
         }
+    }
+}
+
+/// `gelu(x) W^T + b`, exact GELU ([`gelu_erf`]) then [`linear`] (the MLP's second layer), as one
+/// autograd node that keeps `x`, not `gelu(x)`: the backward recomputes the activation, which saves
+/// keeping it (an activation four times the width of the stream in a ViT block) and candle's
+/// summing of its gradient onto a zero tensor. The same arithmetic as the two ops.
+pub fn gelu_linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, matmul: DType) -> Result<Tensor> {
+    match bias {
+        Some(bias) => xs.contiguous()?.apply_op3(weight, bias, LinearOp { matmul, gelu_input: true }),
+        None => linear(&gelu_erf(xs)?, weight, None, matmul),
     }
 }
 
@@ -170,6 +189,8 @@ fn rows_and_output(shape: &Shape, weight: &[usize]) -> Result<(Shape, Shape)> {
 
 struct LinearOp {
     matmul: DType,
+    /// The input goes through exact GELU first ([`gelu_linear`]).
+    gelu_input: bool,
 }
 
 impl LinearOp {
@@ -184,7 +205,14 @@ impl LinearOp {
             candle_core::bail!("linear: the input must be contiguous (linear() makes it so)");
         }
         let (rows, out_shape) = rows_and_output(xs_layout.shape(), weight_layout.dims())?;
-        let rows = Layout::contiguous_with_offset(rows, xs_layout.start_offset());
+        let activated = match self.gelu_input {
+            true => Some(gelu_erf_storage(xs, xs_layout)?),
+            false => None,
+        };
+        let (xs, rows) = match &activated {
+            Some(activated) => (activated, Layout::contiguous(rows)),
+            None => (xs, Layout::contiguous_with_offset(rows, xs_layout.start_offset())),
+        };
         let (mut ys, layout) =
             product_in((xs, &rows), (weight, &weight_layout.transpose(0, 1)?), self.matmul)?;
         let bias = Operand::new(bias, bias_layout, self.matmul)?;
@@ -213,10 +241,19 @@ impl CustomOp3 for LinearOp {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let input = match self.gelu_input {
+            true => gelu_erf(&xs.detach())?,
+            false => xs.clone(),
+        };
         let (rows, _) = rows_and_output(xs.shape(), weight.dims())?;
-        let (xs_rows, grad) = (xs.reshape(rows)?, grad.reshape(((), weight.dim(0)?))?);
-        let grad_xs = to_dtype(&matmul_in(&grad, weight, self.matmul)?, xs.dtype())?.reshape(xs.shape())?;
-        let grad_weight = matmul_in(&xs_rows.t()?, &grad, self.matmul)?.t()?.to_dtype(weight.dtype())?;
+        let (input_rows, grad) = (input.reshape(rows)?, grad.reshape(((), weight.dim(0)?))?);
+        let grad_input =
+            to_dtype(&matmul_in(&grad, weight, self.matmul)?, xs.dtype())?.reshape(xs.shape())?;
+        let grad_xs = match self.gelu_input {
+            true => gelu_erf_grad(xs, &grad_input)?,
+            false => grad_input,
+        };
+        let grad_weight = matmul_in(&input_rows.t()?, &grad, self.matmul)?.t()?.to_dtype(weight.dtype())?;
         let grad = to_dtype(&grad, bias.dtype())?;
         let grad_bias = match cpu::with_f32([&grad], |[g]| cpu::column_sum(g, bias.elem_count())) {
             Some(sum) => Tensor::from_vec(sum, bias.shape(), bias.device())?,

@@ -21,12 +21,30 @@ struct GeluErf;
 
 impl GeluErf {
     fn forward<S: Fused>(&self, (xs, layout): (&S, &Layout)) -> Result<(S, Shape)> {
-        let ys = match xs.gelu_erf(layout) {
-            Some(ys) => ys,
-            None => xs.unary_impl::<op::GeluErf>(layout)?,
-        };
-        Ok((ys, layout.shape().clone()))
+        Ok((gelu_erf_storage(xs, layout)?, layout.shape().clone()))
     }
+}
+
+/// [`gelu_erf`] at the storage level, on any backend: contiguous, in the input's dtype.
+pub(super) fn gelu_erf_storage<S: Fused>(xs: &S, layout: &Layout) -> Result<S> {
+    match xs.gelu_erf(layout) {
+        Some(ys) => Ok(ys),
+        None => xs.unary_impl::<op::GeluErf>(layout),
+    }
+}
+
+/// The gradient of [`gelu_erf`] at `xs` for the output gradient `grad`, in `xs`'s dtype, detached:
+/// `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))` evaluated in f32.
+pub(super) fn gelu_erf_grad(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let (x, grad) = (to_dtype(xs, DType::F32)?, to_dtype(grad, DType::F32)?);
+    if let Some(fused) = cpu::with_f32([&x, &grad], |[x, g]| cpu::gelu_erf_backward(x, g)) {
+        return Ok(to_dtype(&Tensor::from_vec(fused, xs.shape(), xs.device())?, xs.dtype())?.detach());
+    }
+    let neg_half_square = (x.sqr()?.neg()? / 2.)?;
+    let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * &x)?;
+    let erf_scaled_sqrt = (0.5 * (&x / 2f64.sqrt())?.erf()?)?;
+    let derivative = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;
+    Ok((grad * derivative)?.to_dtype(xs.dtype())?.detach())
 }
 
 impl CustomOp1 for GeluErf {
@@ -38,17 +56,7 @@ impl CustomOp1 for GeluErf {
 
     /// `g * (0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x / sqrt 2))`.
     fn bwd(&self, xs: &Tensor, _ys: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (x, grad) = (to_dtype(xs, DType::F32)?, to_dtype(grad, DType::F32)?);
-        if let Some(fused) = cpu::with_f32([&x, &grad], |[x, g]| cpu::gelu_erf_backward(x, g)) {
-            let grad_xs = to_dtype(&Tensor::from_vec(fused, xs.shape(), xs.device())?, xs.dtype())?;
-            return Ok(Some(grad_xs.detach()));
-        }
-        let neg_half_square = (x.sqr()?.neg()? / 2.)?;
-        let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * &x)?;
-        let erf_scaled_sqrt = (0.5 * (&x / 2f64.sqrt())?.erf()?)?;
-        let derivative = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;
-        let grad_xs = (grad * derivative)?.to_dtype(xs.dtype())?;
-        Ok(Some(grad_xs.detach()))
+        Ok(Some(gelu_erf_grad(xs, grad)?))
     }
 }
 
