@@ -8,7 +8,8 @@
 //! written out: the product in a compute dtype and the linear layer ([`matmul_in`], [`Linear`]),
 //! LayerNorm and softmax ([`LayerNorm`], [`softmax_last_dim`]), multi-head attention
 //! ([`attention`]), exact GELU and the residual add with stochastic depth ([`gelu_erf`],
-//! [`residual`]), and the head's weight-normed last layer ([`weight_norm_linear`]). Also here:
+//! [`residual`]), GELU followed by a linear layer as one node that recomputes the activation in
+//! its backward instead of keeping it ([`gelu_linear`], the MLP's second half), and the head's weight-normed last layer ([`weight_norm_linear`]). Also here:
 //! the bicubic matrices that resize the positional embedding exactly like PyTorch
 //! ([`bicubic_grid`]).
 //!
