@@ -607,6 +607,7 @@ fn gelu_erf_bf16(x: &[bf16]) -> Vec<bf16> {
     out
 }
 
+/// [`gelu_erf`] of one chunk, into `out`.
 fn gelu_erf_into(out: &mut [f32], x: &[f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = v * std::f32::consts::FRAC_1_SQRT_2;
