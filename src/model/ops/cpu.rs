@@ -226,12 +226,14 @@ pub fn weight_norm_backward(
 /// f32 values rounded to bf16 (candle's `to_dtype`: `bf16::from_f32`), in parallel.
 pub(crate) fn narrow(xs: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; xs.len()];
-    out.par_chunks_mut(GRAIN).zip(xs.par_chunks(GRAIN)).for_each(|(out, xs)| {
-        for (o, &x) in out.iter_mut().zip(xs) {
-            *o = bf16::from_bits(bf16_bits(x));
-        }
-    });
+    out.par_chunks_mut(GRAIN).zip(xs.par_chunks(GRAIN)).for_each(|(out, xs)| narrow_into(out, xs));
     out
+}
+
+fn narrow_into(out: &mut [bf16], xs: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = bf16::from_bits(bf16_bits(x));
+    }
 }
 
 /// bf16 values widened to f32, in parallel.
@@ -600,9 +602,7 @@ fn gelu_erf_bf16(x: &[bf16]) -> Vec<bf16> {
         widen_into(&mut wide, x);
         let mut ys = vec![0f32; x.len()];
         gelu_erf_into(&mut ys, &wide);
-        for (o, &y) in out.iter_mut().zip(&ys) {
-            *o = bf16::from_bits(bf16_bits(y));
-        }
+        narrow_into(out, &ys);
     });
     out
 }
