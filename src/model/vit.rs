@@ -92,6 +92,13 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// The attention core between `qkv` and `proj` as a residual branch's stage.
+    fn core(&self) -> ops::Stage {
+        ops::Stage::attention(self.num_heads, self.scale, self.matmul)
+    }
+}
+
 impl Module for Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let qkv = self.qkv.forward(xs)?;
@@ -142,12 +149,15 @@ impl Block {
         })
     }
 
-    /// `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`.
+    /// `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`, each residual
+    /// branch one autograd node while training ([`ops::residual_branch`]).
     pub fn forward_t(&self, xs: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let branch = self.attn.forward(&self.norm1.forward(xs)?)?;
-        let xs = ops::residual(xs, &branch, self.drop_scale(xs, rng.as_deref_mut())?.as_ref())?;
-        let branch = self.mlp.forward(&self.norm2.forward(&xs)?)?;
-        ops::residual(&xs, &branch, self.drop_scale(&xs, rng)?.as_ref())
+        let attention =
+            [self.norm1.stage(), self.attn.qkv.stage(false), self.attn.core(), self.attn.proj.stage(false)];
+        let scale = self.drop_scale(xs, rng.as_deref_mut())?;
+        let xs = ops::residual_branch(xs, &attention, scale.as_ref())?;
+        let mlp = [self.norm2.stage(), self.mlp.fc1.stage(false), self.mlp.fc2.stage(true)];
+        ops::residual_branch(&xs, &mlp, self.drop_scale(&xs, rng)?.as_ref())
     }
 
     /// Stochastic depth's per-sample factor for a branch added to `xs` (training only).

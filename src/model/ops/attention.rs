@@ -24,10 +24,11 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64, matmul: DType) -> R
     qkv.apply_op1(Attention { num_heads, scale, matmul })
 }
 
-struct Attention {
-    num_heads: usize,
-    scale: f64,
-    matmul: DType,
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Attention {
+    pub num_heads: usize,
+    pub scale: f64,
+    pub matmul: DType,
 }
 
 impl Attention {
@@ -78,13 +79,20 @@ impl CustomOp1 for Attention {
 
     backend_forward!(1, forward);
 
-    /// In f32, with `p` the recomputed probabilities and `g` the output gradient per head:
-    /// `dv = p^T g`, `dp = g v^T`, `ds = (dp - sum(dp * p)) * p * scale`, `dq = ds k`,
-    /// `dk = (q^T ds)^T` (the backward of matmul, scale and softmax, in that order), stacked back
-    /// into the `qkv` layout and dtype.
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(qkv, grad)?))
+    }
+}
+
+impl Attention {
+    /// The gradient of `qkv` (detached) for the output gradient `grad`. In f32, with `p` the
+    /// recomputed probabilities and `g` the output gradient per head: `dv = p^T g`,
+    /// `dp = g v^T`, `ds = (dp - sum(dp * p)) * p * scale`, `dq = ds k`, `dk = (q^T ds)^T` (the
+    /// backward of matmul, scale and softmax, in that order), stacked back into the `qkv` layout
+    /// and dtype.
+    pub(super) fn backward(&self, qkv: &Tensor, grad: &Tensor) -> Result<Tensor> {
         if let Some(grad_qkv) = cpu_attention::backward(qkv, grad, self.num_heads, self.scale, self.matmul) {
-            return Ok(Some(grad_qkv?.detach()));
+            return Ok(grad_qkv?.detach());
         }
         let [q, k, v] = self.split(&to_dtype(qkv, DType::F32)?)?;
         let (b, n, width) = qkv.dims3()?;
@@ -99,6 +107,6 @@ impl CustomOp1 for Attention {
         let grad_k = matmul_in(&q.t()?, &grad_logits, self.matmul)?.t()?;
         let stacked = Tensor::stack(&[grad_q, grad_k, grad_v], 0)?;
         let grad_qkv = stacked.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((b, n, width))?;
-        Ok(Some(to_dtype(&grad_qkv, qkv.dtype())?.detach()))
+        Ok(to_dtype(&grad_qkv, qkv.dtype())?.detach())
     }
 }

@@ -33,6 +33,13 @@ pub(crate) fn fused() -> bool {
 }
 
 impl Fused for CpuStorage {
+    fn of(storage: &Storage) -> Option<&Self> {
+        match storage {
+            Storage::Cpu(storage) => Some(storage),
+            _ => None,
+        }
+    }
+
     fn layer_norm(
         (x, layout): (&Self, &Layout),
         (weight, weight_layout): (&Self, &Layout),

@@ -5,7 +5,7 @@ use candle_core::{CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Te
 use candle_nn::{Init, VarBuilder};
 
 use super::pointwise::{gelu_erf_grad, gelu_erf_storage};
-use super::{Fused, TRUNC_NORMAL_02, cast, convert, cpu, gelu_erf, to_dtype};
+use super::{Fused, Stage, TRUNC_NORMAL_02, cast, convert, cpu, gelu_erf, to_dtype};
 
 /// `a @ b` computed in `dtype` and returned in `a`'s dtype: with `BF16` and f32 operands both are
 /// rounded to bf16 and the product (f32-accumulated by the GEMM, rounded to bf16) comes back as
@@ -136,6 +136,13 @@ impl Linear {
     pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
         gelu_linear(xs, &self.weight, self.bias.as_ref(), self.matmul)
     }
+
+    /// This layer as a stage of a residual branch ([`super::residual_branch`]), applied to
+    /// `gelu(xs)` with `gelu_input`.
+    pub fn stage(&self, gelu_input: bool) -> Stage {
+        let op = LinearOp { matmul: self.matmul, gelu_input };
+        Stage::linear(self.weight.clone(), self.bias.clone(), op)
+    }
 }
 
 impl Module for Linear {
@@ -187,10 +194,11 @@ fn rows_and_output(shape: &Shape, weight: &[usize]) -> Result<(Shape, Shape)> {
     Ok(((rows, in_dim).into(), out_dims.into()))
 }
 
-struct LinearOp {
-    matmul: DType,
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LinearOp {
+    pub matmul: DType,
     /// The input goes through exact GELU first ([`gelu_linear`]).
-    gelu_input: bool,
+    pub gelu_input: bool,
 }
 
 impl LinearOp {
@@ -241,6 +249,20 @@ impl CustomOp3 for LinearOp {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [grad_xs, grad_weight, grad_bias] = self.backward(xs, weight, bias, grad)?;
+        Ok((Some(grad_xs), Some(grad_weight), Some(grad_bias)))
+    }
+}
+
+impl LinearOp {
+    /// The gradients of x, weight and bias (detached) for the output gradient `grad`.
+    pub(super) fn backward(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Tensor; 3]> {
         let input = match self.gelu_input {
             true => gelu_erf(&xs.detach())?,
             false => xs.clone(),
@@ -259,6 +281,6 @@ impl CustomOp3 for LinearOp {
             Some(sum) => Tensor::from_vec(sum, bias.shape(), bias.device())?,
             None => grad.sum_keepdim(0)?.squeeze(0)?,
         };
-        Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
+        Ok([grad_xs.detach(), grad_weight.detach(), grad_bias.detach()])
     }
 }

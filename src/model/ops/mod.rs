@@ -75,6 +75,7 @@ macro_rules! backend_forward {
 }
 
 mod attention;
+mod branch;
 pub(crate) mod cpu;
 mod cpu_attention;
 mod matmul;
@@ -86,10 +87,11 @@ mod vexp;
 mod weight_norm;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{DType, Layout, Result, Tensor};
+use candle_core::{DType, Layout, Result, Storage, Tensor};
 use candle_nn::Init;
 
 pub use attention::attention;
+pub use branch::{Stage, residual_branch};
 pub use matmul::{Linear, gelu_linear, linear, matmul_in};
 pub use norm::{LayerNorm, l2_normalize, log_softmax_last_dim, softmax_last_dim};
 pub use pointwise::{drop_path_scale, gelu_erf, residual};
@@ -104,6 +106,9 @@ pub const TRUNC_NORMAL_02: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 /// pass. `None` means "none for these inputs": the op runs the composition of candle kernels
 /// instead (always on CUDA, whose behaviour these kernels leave as it is).
 pub(super) trait Fused: BackendStorage {
+    /// `storage` when it is this backend's.
+    fn of(storage: &Storage) -> Option<&Self>;
+
     /// LayerNorm over the last dim, in `x`'s dtype (see [`LayerNorm`]).
     fn layer_norm(
         _x: (&Self, &Layout),
@@ -170,7 +175,14 @@ pub(super) trait Fused: BackendStorage {
 }
 
 #[cfg(feature = "cuda")]
-impl Fused for candle_core::CudaStorage {}
+impl Fused for candle_core::CudaStorage {
+    fn of(storage: &Storage) -> Option<&Self> {
+        match storage {
+            Storage::Cuda(storage) => Some(storage),
+            _ => None,
+        }
+    }
+}
 
 /// `x` (contiguous, `layout`) in `dtype`: itself when it is already, else a converted copy.
 fn cast<S: Fused>(x: S, layout: &Layout, dtype: DType) -> Result<S> {

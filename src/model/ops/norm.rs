@@ -6,7 +6,7 @@ use candle_core::op::{self, ReduceOp};
 use candle_core::{CustomOp1, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::{Fused, cast, cpu};
+use super::{Fused, Stage, cast, cpu};
 
 /// `nn.LayerNorm(dim, eps)` over the last dim. Names `weight`, `bias`. Statistics and affine
 /// map in the input's dtype (f32); the output in `out` (bf16 where a bf16 product consumes it,
@@ -25,6 +25,14 @@ impl LayerNorm {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
         Ok(LayerNorm { weight, bias, eps, out })
+    }
+}
+
+impl LayerNorm {
+    /// This layer as a stage of a residual branch ([`super::residual_branch`]).
+    pub fn stage(&self) -> Stage {
+        let op = LayerNormOp { eps: self.eps, out: self.out };
+        Stage::layer_norm(self.weight.clone(), self.bias.clone(), op)
     }
 }
 
@@ -66,9 +74,10 @@ impl LastDim {
 /// storage level, so the graph keeps the input and the output only (a composition of tensor ops
 /// keeps five full-size intermediates); the backward recomputes the normalised input and applies
 /// the closed form `dx = rstd (g - mean(g) - n mean(g n))` with `g = grad * weight`.
-struct LayerNormOp {
-    eps: f64,
-    out: DType,
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LayerNormOp {
+    pub eps: f64,
+    pub out: DType,
 }
 
 impl LayerNormOp {
@@ -130,16 +139,24 @@ impl CustomOp3 for LayerNormOp {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [grad_xs, grad_weight, grad_bias] = self.backward(xs, weight, grad)?;
+        Ok((Some(grad_xs), Some(grad_weight), Some(grad_bias)))
+    }
+}
+
+impl LayerNormOp {
+    /// The gradients of x, weight and bias (detached) for the output gradient `grad`.
+    pub(super) fn backward(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<[Tensor; 3]> {
         let grad = grad.to_dtype(xs.dtype())?;
         let fused =
             cpu::with_f32([xs, weight, &grad], |[x, w, g]| cpu::layer_norm_backward(x, w, g, self.eps));
         if let Some([grad_xs, grad_weight, grad_bias]) = fused {
             let (device, dim) = (xs.device(), weight.dims());
-            return Ok((
-                Some(Tensor::from_vec(grad_xs, xs.shape(), device)?),
-                Some(Tensor::from_vec(grad_weight, dim, device)?),
-                Some(Tensor::from_vec(grad_bias, dim, device)?),
-            ));
+            return Ok([
+                Tensor::from_vec(grad_xs, xs.shape(), device)?,
+                Tensor::from_vec(grad_weight, dim, device)?,
+                Tensor::from_vec(grad_bias, dim, device)?,
+            ]);
         }
         let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
         let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
@@ -152,7 +169,7 @@ impl CustomOp3 for LayerNormOp {
         let inner = (g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
             - normed.broadcast_mul(&(&g * &normed)?.mean_keepdim(D::Minus1)?)?)?;
         let grad_xs = inner.broadcast_mul(&rstd)?;
-        Ok((Some(grad_xs.detach()), Some(grad_weight.detach()), Some(grad_bias.detach())))
+        Ok([grad_xs.detach(), grad_weight.detach(), grad_bias.detach()])
     }
 }
 

@@ -94,7 +94,7 @@ pub fn residual(xs: &Tensor, branch: &Tensor, scale: Option<&Tensor>) -> Result<
     }
 }
 
-struct Residual;
+pub(super) struct Residual;
 
 impl Residual {
     /// The forward pass at the storage level, on any backend: the branch is converted to the
@@ -112,7 +112,7 @@ impl Residual {
         Self::forward(xs, branch, Some(scale))
     }
 
-    fn forward<S: Fused>(
+    pub(super) fn forward<S: Fused>(
         (xs, xs_layout): (&S, &Layout),
         (branch, branch_layout): (&S, &Layout),
         scale: Option<(&S, &Layout)>,
@@ -138,12 +138,12 @@ impl Residual {
     }
 
     /// `dx = g`, `dbranch = g * scale` in the branch's dtype.
-    fn backward(branch: &Tensor, scale: Option<&Tensor>, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(super) fn backward(branch: DType, scale: Option<&Tensor>, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let grad_branch = match scale {
             Some(scale) => grad.broadcast_mul(&scale.to_dtype(grad.dtype())?)?,
             None => grad.clone(),
         };
-        Ok((grad.detach(), to_dtype(&grad_branch, branch.dtype())?.detach()))
+        Ok((grad.detach(), to_dtype(&grad_branch, branch)?.detach()))
     }
 }
 
@@ -161,7 +161,7 @@ impl CustomOp2 for Residual {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (grad_xs, grad_branch) = Self::backward(branch, None, grad)?;
+        let (grad_xs, grad_branch) = Self::backward(branch.dtype(), None, grad)?;
         Ok((Some(grad_xs), Some(grad_branch)))
     }
 }
@@ -181,7 +181,7 @@ impl CustomOp3 for Residual {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (grad_xs, grad_branch) = Self::backward(branch, Some(scale), grad)?;
+        let (grad_xs, grad_branch) = Self::backward(branch.dtype(), Some(scale), grad)?;
         Ok((Some(grad_xs), Some(grad_branch), None))
     }
 }
