@@ -315,8 +315,9 @@ impl Trainer {
                 self.setup.ncrops
             );
         }
-        let teacher = self.teacher.forward_t(&crops[..2], None)?;
-        let student = self.student.forward_t(crops, Some(&mut self.state.rng))?;
+        let teacher = self.teacher.forward_t(&crops[..2], None, false)?;
+        let student =
+            self.student.forward_t(crops, Some(&mut self.state.rng), !settings.freeze_last_layer)?;
         let loss =
             self.loss.forward(&student.logits, &teacher.logits, &self.state.center, settings.teacher_temp)?;
         Ok(Forward { teacher, student, loss })
@@ -451,7 +452,8 @@ pub(crate) mod tests {
     fn after_one_step_every_trainable_variable_has_a_nonzero_gradient() {
         let mut trainer = micro_trainer();
         let crops = trainer.upload(&noise_batch(1)).unwrap();
-        let settings = trainer.schedules().at(0);
+        let mut settings = trainer.schedules().at(0);
+        settings.freeze_last_layer = false;
         let g = trainer.gradients(&crops, &settings).unwrap();
         let trainable = trainer.trainable();
         assert_eq!(trainable.len() + 1, trainer.student_params().len(), "all but weight_g are trained");
@@ -461,6 +463,29 @@ pub(crate) mod tests {
             let grad = g.grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
             let size = grad.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(size > 0.0 && size.is_finite(), "{name}: gradient magnitude {size}");
+        }
+    }
+
+    #[test]
+    fn while_the_last_layer_is_frozen_it_gets_no_gradient_and_the_rest_the_same() {
+        let gradients = |freeze: bool| {
+            let mut trainer = micro_trainer();
+            let crops = trainer.upload(&noise_batch(1)).unwrap();
+            let mut settings = trainer.schedules().at(0);
+            settings.freeze_last_layer = freeze;
+            let grads = trainer.gradients(&crops, &settings).unwrap().grads;
+            let of = |name: &String| {
+                let var = trainer.student_params().get(name).unwrap();
+                grads.get(var).map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            };
+            trainer.trainable().iter().map(|name| (name.clone(), of(name))).collect::<Vec<_>>()
+        };
+        let (frozen, trained) = (gradients(true), gradients(false));
+        for ((name, frozen), (_, trained)) in frozen.iter().zip(&trained) {
+            match is_last_layer(name) {
+                true => assert!(frozen.is_none() && trained.is_some(), "{name}"),
+                false => assert_eq!(frozen, trained, "{name}"),
+            }
         }
     }
 

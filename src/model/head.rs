@@ -54,10 +54,23 @@ impl DinoHead {
     }
 }
 
+impl DinoHead {
+    /// [`Module::forward`]; without `train_last_layer` the last layer's weights enter the pass
+    /// detached, so the backward pass computes no gradient for them (DINO drops those in its
+    /// first `freeze_last_layer` epochs) and skips that `[K, bottleneck]` product.
+    pub fn forward_t(&self, xs: &Tensor, train_last_layer: bool) -> Result<Tensor> {
+        let xs = ops::l2_normalize(&self.mlp(xs)?.to_dtype(self.weight_v.dtype())?)?;
+        let (v, g) = match train_last_layer {
+            true => (self.weight_v.clone(), self.weight_g.clone()),
+            false => (self.weight_v.detach(), self.weight_g.detach()),
+        };
+        ops::weight_norm_linear(&xs, &v, &g, self.matmul)
+    }
+}
+
 impl Module for DinoHead {
     /// `[N, in_dim]` -> `[N, K]` logits.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = ops::l2_normalize(&self.mlp(xs)?.to_dtype(self.weight_v.dtype())?)?;
-        ops::weight_norm_linear(&xs, &self.weight_v, &self.weight_g, self.matmul)
+        self.forward_t(xs, true)
     }
 }

@@ -2,7 +2,7 @@
 //! (2 global, then the locals), the cls features concatenated, one head pass. Rows are crop-major:
 //! `[crop0 x B, crop1 x B, ...]`.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
@@ -34,15 +34,22 @@ impl MultiCropWrapper {
         Ok(MultiCropWrapper { backbone, head })
     }
 
-    /// Run `crops` (each `[B, C, H, W]`); `rng` switches on stochastic depth (training).
-    pub fn forward_t(&self, crops: &[Tensor], mut rng: Option<&mut ChaCha8Rng>) -> Result<MultiCropOutput> {
+    /// Run `crops` (each `[B, C, H, W]`); `rng` switches on stochastic depth (training),
+    /// `train_last_layer` off leaves the head's last layer out of the backward pass (see
+    /// [`DinoHead::forward_t`]).
+    pub fn forward_t(
+        &self,
+        crops: &[Tensor],
+        mut rng: Option<&mut ChaCha8Rng>,
+        train_last_layer: bool,
+    ) -> Result<MultiCropOutput> {
         let mut features = Vec::new();
         for run in equal_resolution_runs(crops)? {
             let input = if run.len() == 1 { run[0].clone() } else { Tensor::cat(run, 0)? };
             features.push(self.backbone.forward_t(&input, rng.as_deref_mut())?);
         }
         let features = if features.len() == 1 { features.remove(0) } else { Tensor::cat(&features, 0)? };
-        let logits = self.head.forward(&features)?;
+        let logits = self.head.forward_t(&features, train_last_layer)?;
         Ok(MultiCropOutput { features, logits })
     }
 }

@@ -64,6 +64,9 @@ impl CustomOp3 for WeightNormLinear {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !v.track_op() && !g.track_op() {
+            return Ok((Some(self.input_grad(xs, v, g, grad)?), None, None));
+        }
         if let Some(grads) = self.fused_backward(xs, v, g, grad)? {
             return Ok(grads);
         }
@@ -82,6 +85,15 @@ impl CustomOp3 for WeightNormLinear {
 }
 
 impl WeightNormLinear {
+    /// `dx = g W` alone, for frozen weights: the arithmetic of the full backward's `dx`.
+    fn input_grad(&self, xs: &Tensor, v: &Tensor, g: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let weight = match cpu::with_f32([v, g], |[v, g]| cpu::weight_norm(v, g)).flatten() {
+            Some([weight, ..]) => Tensor::from_vec(weight, v.shape(), v.device())?,
+            None => v.broadcast_mul(&g.div(&v.sqr()?.sum_keepdim(1)?.sqrt()?)?)?,
+        };
+        Ok(to_dtype(&matmul_in(grad, &weight, self.matmul)?, xs.dtype())?.detach())
+    }
+
     /// The backward pass with the row-wise parts in the CPU's fused kernels ([`cpu::weight_norm`],
     /// [`cpu::weight_norm_backward`]): the same arithmetic; `None` where they do not apply.
     fn fused_backward(&self, xs: &Tensor, v: &Tensor, g: &Tensor, grad: &Tensor) -> Result<Option<Grads3>> {
@@ -141,6 +153,37 @@ mod tests {
                 let (a, b) = (g_ours.get(var.as_tensor()).unwrap(), g_theirs.get(var.as_tensor()).unwrap());
                 assert_eq!(max_diff(a, b), 0.0, "{dtype:?} d{name}");
             }
+        }
+    }
+
+    #[test]
+    fn frozen_weights_get_no_gradient_and_leave_the_input_gradient_as_it_is() {
+        let dev = Device::Cpu;
+        let (x, v, g) = (
+            Var::randn(0f32, 1.0, (5, 8), &dev).unwrap(),
+            Var::randn(0f32, 0.5, (12, 8), &dev).unwrap(),
+            Var::randn(1f32, 0.3, (12, 1), &dev).unwrap(),
+        );
+        let r = Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let grads = |v: &Tensor, g: &Tensor| {
+                let ys = weight_norm_linear(x.as_tensor(), v, g, dtype).unwrap();
+                (ys * &r).unwrap().sum_all().unwrap().backward().unwrap()
+            };
+            let trained = grads(v.as_tensor(), g.as_tensor());
+            let frozen = grads(&v.as_tensor().detach(), &g.as_tensor().detach());
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let dx = |grads: &candle_core::backprop::GradStore| bits(grads.get(x.as_tensor()).unwrap());
+            assert_eq!(dx(&frozen), dx(&trained), "{dtype:?} dx");
+            assert!(frozen.get(v.as_tensor()).is_none() && frozen.get(g.as_tensor()).is_none());
         }
     }
 }
