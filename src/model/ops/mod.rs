@@ -9,7 +9,9 @@
 //! LayerNorm and softmax ([`LayerNorm`], [`softmax_last_dim`]), multi-head attention
 //! ([`attention`]), exact GELU and the residual add with stochastic depth ([`gelu_erf`],
 //! [`residual`]), GELU followed by a linear layer as one node that recomputes the activation in
-//! its backward instead of keeping it ([`gelu_linear`], the MLP's second half), and the head's weight-normed last layer ([`weight_norm_linear`]). Also here:
+//! its backward instead of keeping it ([`gelu_linear`], the MLP's second half), and the head's weight-normed last layer ([`weight_norm_linear`]).
+//! While training, a block's two residual branches are one node each ([`residual_branch`]), whose
+//! backward chains those ops' backward passes without candle's per-node gradient sums. Also here:
 //! the bicubic matrices that resize the positional embedding exactly like PyTorch
 //! ([`bicubic_grid`]).
 //!
