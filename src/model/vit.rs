@@ -93,6 +93,22 @@ impl Attention {
 }
 
 impl Attention {
+    /// The cls token's row of [`Module::forward`] alone, `[B, 1, D]`: its query against every
+    /// token's key and value (the last block, whose other rows nothing reads). In the arithmetic
+    /// of [`ops::attention`]: products in `matmul`, scaling and softmax in f32.
+    fn forward_cls(&self, xs: &Tensor) -> Result<Tensor> {
+        let qkv = self.qkv.forward(xs)?;
+        let (b, n, width) = qkv.dims3()?;
+        let (h, d) = (self.num_heads, width / (3 * self.num_heads));
+        let heads = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+        let query = heads.get(0)?.narrow(2, 0, 1)?.contiguous()?;
+        let (keys, values) = (heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?);
+        let logits = ops::matmul_in(&query, &keys.t()?, self.matmul)?.to_dtype(DType::F32)?;
+        let probs = ops::softmax_last_dim(&(logits * self.scale)?)?.to_dtype(qkv.dtype())?;
+        let attended = ops::matmul_in(&probs, &values, self.matmul)?;
+        self.proj.forward(&attended.transpose(1, 2)?.reshape((b, 1, h * d))?)
+    }
+
     /// The attention core between `qkv` and `proj` as a residual branch's stage.
     fn core(&self) -> ops::Stage {
         ops::Stage::attention(self.num_heads, self.scale, self.matmul)
@@ -158,6 +174,18 @@ impl Block {
         let xs = ops::residual_branch(xs, &attention, scale.as_ref())?;
         let mlp = [self.norm2.stage(), self.mlp.fc1.stage(false), self.mlp.fc2.stage(true)];
         ops::residual_branch(&xs, &mlp, self.drop_scale(&xs, rng)?.as_ref())
+    }
+
+    /// [`Block::forward_t`]'s cls token alone, `[B, 1, D]`: the last block, whose other rows
+    /// nothing reads, spends a quarter of a block's work (the keys and values of every token)
+    /// instead of all of it. The same operations on the same rows; the products of one row may
+    /// round differently from those of all rows (f32 rounding, not bit for bit).
+    pub fn forward_cls(&self, xs: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let scale = self.drop_scale(xs, rng.as_deref_mut())?;
+        let cls = xs.narrow(1, 0, 1)?.contiguous()?;
+        let cls = ops::residual(&cls, &self.attn.forward_cls(&self.norm1.forward(xs)?)?, scale.as_ref())?;
+        let branch = self.mlp.forward(&self.norm2.forward(&cls)?)?;
+        ops::residual(&cls, &branch, self.drop_scale(&cls, rng)?.as_ref())
     }
 
     /// Stochastic depth's per-sample factor for a branch added to `xs` (training only).
@@ -256,13 +284,17 @@ impl VisionTransformer {
         Ok(m)
     }
 
-    /// The normalised cls token `[B, D]`; `rng` switches on stochastic depth (training).
+    /// The normalised cls token `[B, D]`; `rng` switches on stochastic depth (training). The last
+    /// block computes the cls token's row only ([`Block::forward_cls`]).
     pub fn forward_t(&self, xs: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let mut tokens = self.prepare_tokens(xs)?;
-        for block in &self.blocks {
+        let Some((last, blocks)) = self.blocks.split_last() else {
+            return self.norm.forward(&tokens.i((.., 0, ..))?);
+        };
+        for block in blocks {
             tokens = block.forward_t(&tokens, rng.as_deref_mut())?;
         }
-        self.norm.forward(&tokens.i((.., 0, ..))?)
+        self.norm.forward(&last.forward_cls(&tokens, rng)?.squeeze(1)?)
     }
 
     /// Block `i` (for tests and inspection).
@@ -280,4 +312,61 @@ impl Module for VisionTransformer {
 /// `torch.linspace(0, rate, depth)[i]`.
 fn linspace_at(rate: f64, depth: usize, i: usize) -> f64 {
     if depth <= 1 { 0.0 } else { rate * i as f64 / (depth - 1) as f64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+
+    #[test]
+    fn the_last_blocks_cls_row_alone_equals_the_whole_block_within_f32_rounding_in_both_passes() {
+        let dev = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let preset = Preset::load("vit-micro-p8", 4).unwrap();
+        for matmul in [DType::F32, DType::BF16] {
+            let varmap = VarMap::new();
+            let vit = VisionTransformer::new(
+                &preset,
+                0.1,
+                matmul,
+                VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            )
+            .unwrap();
+            let values: Vec<f32> = (0..2 * 4 * 40 * 40).map(|_| rng.random::<f32>() - 0.5).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(values, (2, 4, 40, 40), &dev).unwrap()).unwrap();
+            let weights: Vec<f32> = (0..2 * preset.embed_dim).map(|_| rng.random::<f32>() - 0.5).collect();
+            let weights = Tensor::from_vec(weights, (2, preset.embed_dim), &dev).unwrap();
+            let run = |whole: bool| {
+                let mut drop = ChaCha8Rng::seed_from_u64(9);
+                let tokens = vit.prepare_tokens(x.as_tensor()).unwrap();
+                let (last, blocks) = vit.blocks.split_last().unwrap();
+                let tokens = blocks.iter().fold(tokens, |t, b| b.forward_t(&t, Some(&mut drop)).unwrap());
+                let cls = match whole {
+                    true => last.forward_t(&tokens, Some(&mut drop)).unwrap().narrow(1, 0, 1).unwrap(),
+                    false => last.forward_cls(&tokens, Some(&mut drop)).unwrap(),
+                };
+                let ys = vit.norm.forward(&cls.squeeze(1).unwrap()).unwrap();
+                let grads = (&ys * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut all = vec![ys, grads.get(x.as_tensor()).unwrap().clone()];
+                for var in varmap.all_vars() {
+                    all.push(grads.get(var.as_tensor()).expect("every parameter has a gradient").clone());
+                }
+                all
+            };
+            let (alone, whole) = (run(false), run(true));
+            let tolerance = if matmul == DType::F32 { 1e-5 } else { 2e-2 };
+            let mut worst = 0f32;
+            for (i, (a, b)) in alone.iter().zip(&whole).enumerate() {
+                let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff <= tolerance * scale, "{matmul:?} tensor {i}: off by {diff} (scale {scale})");
+                worst = worst.max(diff / scale);
+            }
+            eprintln!("{matmul:?}: worst difference {worst:.1e} of the tensor's largest value");
+        }
+    }
 }
