@@ -145,7 +145,9 @@ struct BranchNode {
 impl BranchNode {
     /// `xs + branch * scale` at the storage level ([`residual`]'s kernels), on any backend.
     fn forward<S: Fused>(&self, xs: (&S, &Layout), _params: (&S, &Layout)) -> Result<(S, Shape)> {
-        let branch = self.branch.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
+        let poisoned =
+            |_| candle_core::Error::Msg("residual branch: a panic poisoned the node's lock".into());
+        let branch = self.branch.lock().map_err(poisoned)?.take();
         let Some(branch) = branch else {
             candle_core::bail!("residual branch: the node was evaluated twice");
         };
