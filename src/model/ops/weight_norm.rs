@@ -125,15 +125,20 @@ mod tests {
     use super::*;
     use candle_core::{D, Device, Var};
 
-    #[test]
-    fn equals_the_tensor_op_composition_in_both_passes() {
+    /// x `[5, 8]`, v `[12, 8]`, g `[12, 1]` (variables) and the weights `[5, 12]` of a linear loss.
+    fn inputs() -> (Var, Var, Var, Tensor) {
         let dev = Device::Cpu;
-        let (x, v, g) = (
+        (
             Var::randn(0f32, 1.0, (5, 8), &dev).unwrap(),
             Var::randn(0f32, 0.5, (12, 8), &dev).unwrap(),
             Var::randn(1f32, 0.3, (12, 1), &dev).unwrap(),
-        );
-        let r = Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap();
+            Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap(),
+        )
+    }
+
+    #[test]
+    fn equals_the_tensor_op_composition_in_both_passes() {
+        let (x, v, g, r) = inputs();
         // DINOHead.last_layer: weight_norm(nn.Linear(bottleneck, K, bias=False)).
         let composed = |dtype: DType| -> Result<Tensor> {
             let norm = v.as_tensor().sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
@@ -158,13 +163,7 @@ mod tests {
 
     #[test]
     fn frozen_weights_get_no_gradient_and_leave_the_input_gradient_as_it_is() {
-        let dev = Device::Cpu;
-        let (x, v, g) = (
-            Var::randn(0f32, 1.0, (5, 8), &dev).unwrap(),
-            Var::randn(0f32, 0.5, (12, 8), &dev).unwrap(),
-            Var::randn(1f32, 0.3, (12, 1), &dev).unwrap(),
-        );
-        let r = Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap();
+        let (x, v, g, r) = inputs();
         for dtype in [DType::F32, DType::BF16] {
             let grads = |v: &Tensor, g: &Tensor| {
                 let ys = weight_norm_linear(x.as_tensor(), v, g, dtype).unwrap();
