@@ -93,20 +93,11 @@ impl Attention {
 }
 
 impl Attention {
-    /// The cls token's row of [`Module::forward`] alone, `[B, 1, D]`: its query against every
-    /// token's key and value (the last block, whose other rows nothing reads). In the arithmetic
-    /// of [`ops::attention`]: products in `matmul`, scaling and softmax in f32.
+    /// The cls token's row of [`Module::forward`] alone, `[B, 1, D]`
+    /// ([`ops::first_token_attention`]; the last block, whose other rows nothing reads).
     fn forward_cls(&self, xs: &Tensor) -> Result<Tensor> {
         let qkv = self.qkv.forward(xs)?;
-        let (b, n, width) = qkv.dims3()?;
-        let (h, d) = (self.num_heads, width / (3 * self.num_heads));
-        let heads = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
-        let query = heads.get(0)?.narrow(2, 0, 1)?.contiguous()?;
-        let (keys, values) = (heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?);
-        let logits = ops::matmul_in(&query, &keys.t()?, self.matmul)?.to_dtype(DType::F32)?;
-        let probs = ops::softmax_last_dim(&(logits * self.scale)?)?.to_dtype(qkv.dtype())?;
-        let attended = ops::matmul_in(&probs, &values, self.matmul)?;
-        self.proj.forward(&attended.transpose(1, 2)?.reshape((b, 1, h * d))?)
+        self.proj.forward(&ops::first_token_attention(&qkv, self.num_heads, self.scale, self.matmul)?)
     }
 
     /// The attention core between `qkv` and `proj` as a residual branch's stage.

@@ -24,6 +24,19 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64, matmul: DType) -> R
     qkv.apply_op1(Attention { num_heads, scale, matmul })
 }
 
+/// [`attention`]'s first token's row alone, `[B, 1, H d]`: its query against every token's key
+/// and value, as a composition of tensor ops (each with its backward) in the same arithmetic:
+/// products in `matmul`, scaling and softmax in f32. A single product row may round differently
+/// from the same row of the full product.
+pub fn first_token_attention(qkv: &Tensor, num_heads: usize, scale: f64, matmul: DType) -> Result<Tensor> {
+    let (b, _, width) = qkv.dims3()?;
+    let [q, k, v] = Attention { num_heads, scale, matmul }.split(qkv)?;
+    let query = q.narrow(2, 0, 1)?.contiguous()?;
+    let logits = matmul_in(&query, &k.t()?, matmul)?.to_dtype(DType::F32)?;
+    let probs = super::softmax_last_dim(&(logits * scale)?)?.to_dtype(qkv.dtype())?;
+    matmul_in(&probs, &v, matmul)?.transpose(1, 2)?.reshape((b, 1, width / 3))
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Attention {
     pub num_heads: usize,

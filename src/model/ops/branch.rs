@@ -61,20 +61,20 @@ impl Stage {
     }
 
     /// The gradient of the stage's input and of its parameters (in [`Stage::params`]'s order) for
-    /// the output gradient `grad`; `None` where the stage has no written-out backward.
-    fn backward(&self, xs: &Tensor, grad: &Tensor) -> Option<Result<(Tensor, Vec<Tensor>)>> {
-        let grads = match &self.0 {
-            Kind::LayerNorm { weight, op, .. } => op.backward(xs, &weight.detach(), grad).map(Vec::from),
+    /// the output gradient `grad`; an error for a stage without [`Stage::has_backward`].
+    fn backward(&self, xs: &Tensor, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut grads = match &self.0 {
+            Kind::LayerNorm { weight, op, .. } => Vec::from(op.backward(xs, &weight.detach(), grad)?),
             Kind::Linear { weight, bias: Some(bias), op } => {
-                op.backward(xs, &weight.detach(), &bias.detach(), grad).map(Vec::from)
+                Vec::from(op.backward(xs, &weight.detach(), &bias.detach(), grad)?)
             }
-            Kind::Linear { bias: None, .. } => return None,
-            Kind::Attention(op) => op.backward(xs, grad).map(|g| vec![g]),
+            Kind::Linear { bias: None, .. } => {
+                candle_core::bail!("residual branch: a linear stage without a bias has no backward here")
+            }
+            Kind::Attention(op) => vec![op.backward(xs, grad)?],
         };
-        Some(grads.map(|mut grads| {
-            let input = grads.remove(0);
-            (input, grads)
-        }))
+        let input = grads.remove(0);
+        Ok((input, grads))
     }
 
     /// The parameters, in the order of the gradients [`Stage::backward`] returns.
@@ -185,10 +185,7 @@ impl CustomOp2 for BranchNode {
         let (grad_xs, mut grad) = Residual::backward(self.branch_dtype, self.scale.as_ref(), grad)?;
         let mut param_grads = Vec::new();
         for (stage, input) in self.stages.iter().zip(&self.inputs).rev() {
-            let Some(grads) = stage.backward(input, &grad) else {
-                candle_core::bail!("residual branch: a stage without a backward pass");
-            };
-            let (grad_input, grads) = grads?;
+            let (grad_input, grads) = stage.backward(input, &grad)?;
             grad = grad_input;
             param_grads.extend(grads.into_iter().rev());
         }

@@ -92,7 +92,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Result, Storage, Tensor};
 use candle_nn::Init;
 
-pub use attention::attention;
+pub use attention::{attention, first_token_attention};
 pub use branch::{Stage, residual_branch};
 pub use matmul::{Linear, gelu_linear, linear, matmul_in};
 pub use norm::{LayerNorm, l2_normalize, log_softmax_last_dim, softmax_last_dim};
@@ -407,15 +407,23 @@ mod tests {
         }
     }
 
+    /// x `[2, 3, 37]` with standard deviation `spread`, W `[70, 37]`, b `[70]` (variables) and
+    /// the weights `[2, 3, 70]` of a linear loss.
+    fn linear_inputs(spread: f32) -> (Var, Var, Var, Tensor) {
+        let dev = Device::Cpu;
+        (
+            Var::randn(0f32, spread, (2, 3, 37), &dev).unwrap(),
+            Var::randn(0f32, 0.3, (70, 37), &dev).unwrap(),
+            Var::randn(0f32, 0.3, 70, &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap(),
+        )
+    }
+
     #[test]
     fn linear_on_batches_of_rows_equals_linear_on_the_rows_in_both_passes() {
         // [2, 3, 37] contiguous and [3, 2, 37] transposed (made contiguous first), with and
         // without a bias, against the same rows as one [6, 37] matrix.
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1.0, (2, 3, 37), &dev).unwrap();
-        let w = Var::randn(0f32, 0.3, (70, 37), &dev).unwrap();
-        let b = Var::randn(0f32, 0.3, 70, &dev).unwrap();
-        let r = Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap();
+        let (x, w, b, r) = linear_inputs(1.0);
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for bias in [Some(b.as_tensor()), None] {
             let run = |batched: bool, transposed: bool| {
@@ -444,11 +452,7 @@ mod tests {
     fn gelu_linear_equals_gelu_then_linear_bit_for_bit_in_both_passes() {
         // [2, 3, 37] activations with a spread that reaches every branch of erf, f32 and bf16
         // products, with and without a bias; the output and the gradients of x, W and b.
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 3.0, (2, 3, 37), &dev).unwrap();
-        let w = Var::randn(0f32, 0.3, (70, 37), &dev).unwrap();
-        let b = Var::randn(0f32, 0.3, 70, &dev).unwrap();
-        let r = Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap();
+        let (x, w, b, r) = linear_inputs(3.0);
         let values =
             |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for dtype in [DType::F32, DType::BF16] {

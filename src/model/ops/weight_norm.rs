@@ -91,7 +91,12 @@ impl WeightNormLinear {
             Some([weight, ..]) => Tensor::from_vec(weight, v.shape(), v.device())?,
             None => v.broadcast_mul(&g.div(&v.sqr()?.sum_keepdim(1)?.sqrt()?)?)?,
         };
-        Ok(to_dtype(&matmul_in(grad, &weight, self.matmul)?, xs.dtype())?.detach())
+        self.grad_xs(xs, &weight, grad)
+    }
+
+    /// `dx = g W` for the weight-normed matrix `weight`, in x's dtype, detached.
+    fn grad_xs(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        Ok(to_dtype(&matmul_in(grad, weight, self.matmul)?, xs.dtype())?.detach())
     }
 
     /// The backward pass with the row-wise parts in the CPU's fused kernels ([`cpu::weight_norm`],
@@ -102,7 +107,7 @@ impl WeightNormLinear {
             return Ok(None);
         };
         let weight = Tensor::from_vec(weight, v.shape(), v.device())?;
-        let grad_xs = to_dtype(&matmul_in(grad, &weight, self.matmul)?, xs.dtype())?;
+        let grad_xs = self.grad_xs(xs, &weight, grad)?;
         // dW^T, [d, K] as the product leaves it.
         let grad_weight_t = to_dtype(&matmul_in(&xs.t()?, grad, self.matmul)?, v.dtype())?;
         let fused = cpu::with_f32([v, g, &grad_weight_t], |[v, g, gwt]| {
@@ -113,7 +118,7 @@ impl WeightNormLinear {
             Tensor::from_vec(grad_v, v.shape(), v.device())?,
             Tensor::from_vec(grad_g, g.shape(), g.device())?,
         );
-        Ok(Some((Some(grad_xs.detach()), Some(grad_v), Some(grad_g))))
+        Ok(Some((Some(grad_xs), Some(grad_v), Some(grad_g))))
     }
 }
 
