@@ -165,29 +165,31 @@ impl Augmenter {
         Ok(())
     }
 
-    /// Blur, solarize and normalize one resampled view in place, plane by plane. After
-    /// Channelaug only the first plane was resampled: it is blurred and solarized once, then copied.
+    /// Blur, solarize and normalize one resampled view in place, each plane start to finish
+    /// while it is in cache. After Channelaug only the first plane was resampled: it is blurred
+    /// and solarized once, then written normalized into every plane.
     fn finish(&self, p: &ViewParams, out: &mut [f32], tmp: &mut Vec<f32>) {
         let kernel = p.blur.map(|k| ops::gaussian_kernel(k).expect("blur_ksize draws 3, 5 or 7"));
-        let plane_px = p.size * p.size;
-        let distinct = if p.channel.is_some() { 1 } else { self.stats.len() };
-        for plane in out.chunks_exact_mut(plane_px).take(distinct) {
+        let blur_and_solarize = |plane: &mut [f32], tmp: &mut Vec<f32>| {
             if let Some(kernel) = kernel {
                 ops::gaussian_blur_plane(plane, p.size, p.size, kernel, tmp);
             }
             if p.solarize {
                 ops::solarize(plane, self.solarize_threshold);
             }
-        }
+        };
+        let (first, rest) = out.split_at_mut(p.size * p.size);
+        let rest = rest.chunks_exact_mut(first.len()).zip(&self.stats[1..]);
+        blur_and_solarize(first, tmp);
         if p.channel.is_some() {
-            let (first, rest) = out.split_at_mut(plane_px);
-            for dst in rest.chunks_exact_mut(plane_px) {
-                dst.copy_from_slice(first);
+            rest.for_each(|(plane, stats)| ops::normalize_into(plane, first, *stats));
+        } else {
+            for (plane, stats) in rest {
+                blur_and_solarize(plane, tmp);
+                ops::normalize_plane(plane, *stats);
             }
         }
-        for (plane, stats) in out.chunks_exact_mut(plane_px).zip(&self.stats) {
-            ops::normalize_plane(plane, *stats);
-        }
+        ops::normalize_plane(first, self.stats[0]);
     }
 
     fn check(&self, patch: &Patch) -> Result<(), AugmentError> {

@@ -51,13 +51,23 @@ pub struct CropBox {
 pub type Affine = [f64; 6];
 
 /// OpenCV's `BORDER_REFLECT_101` index: `-1 -> 1`, `n -> n - 2` (`gfedcb|abcdefgh|gfedcba`).
+/// Inside and one reflection away (every blur tap, nearly every resampling tap) without the
+/// division of the general periodic case.
 pub fn reflect_101(i: isize, n: usize) -> usize {
-    if n == 1 {
-        return 0;
+    let last = n as isize - 1;
+    if (0..=last).contains(&i) {
+        i as usize
+    } else if last == 0 {
+        0
+    } else if (-last..0).contains(&i) {
+        (-i) as usize
+    } else if (last..=2 * last).contains(&i) {
+        (2 * last - i) as usize
+    } else {
+        let period = 2 * last;
+        let i = i.rem_euclid(period);
+        if i <= last { i as usize } else { (period - i) as usize }
     }
-    let period = 2 * (n as isize - 1);
-    let i = i.rem_euclid(period);
-    if i < n as isize { i as usize } else { (period - i) as usize }
 }
 
 /// Mirror every row (albumentations `HorizontalFlip`).
@@ -195,51 +205,45 @@ pub fn gaussian_blur_plane(
     tmp: &mut Vec<f32>,
 ) {
     let r = kernel.len() / 2;
-    tmp.resize(width * height, 0.0);
-    for (src, dst) in plane.chunks_exact(width).zip(tmp.chunks_exact_mut(width)) {
-        blur_row(src, dst, kernel);
+    tmp.resize(width * height + width + 2 * r, 0.0);
+    let (rows, padded) = tmp.split_at_mut(width * height);
+    for (src, dst) in plane.chunks_exact(width).zip(rows.chunks_exact_mut(width)) {
+        pad_reflected(src, r, padded);
+        weighted_sum(dst, kernel, |k| &padded[k..k + width]);
     }
-    let row = |y: usize, k: usize| {
-        let sy = reflect_101(y as isize + k as isize - r as isize, height);
-        &tmp[sy * width..(sy + 1) * width]
-    };
     for (y, out) in plane.chunks_exact_mut(width).enumerate() {
-        for (o, &v) in out.iter_mut().zip(row(y, 0)) {
-            *o = kernel[0] * v;
-        }
-        for (k, &wk) in kernel.iter().enumerate().skip(1) {
-            for (o, &v) in out.iter_mut().zip(row(y, k)) {
-                *o += wk * v;
-            }
+        weighted_sum(out, kernel, |k| {
+            let sy = reflect_101(y as isize + k as isize - r as isize, height);
+            &rows[sy * width..(sy + 1) * width]
+        });
+    }
+}
+
+/// `out = kernel[0] * taps(0) + kernel[1] * taps(1) + ...`, added up in kernel order, one
+/// multiply-add pass per tap that the compiler vectorises.
+fn weighted_sum<'a>(out: &mut [f32], kernel: &[f32], taps: impl Fn(usize) -> &'a [f32]) {
+    for (o, &v) in out.iter_mut().zip(taps(0)) {
+        *o = kernel[0] * v;
+    }
+    for (k, &wk) in kernel.iter().enumerate().skip(1) {
+        for (o, &v) in out.iter_mut().zip(taps(k)) {
+            *o += wk * v;
         }
     }
 }
 
-/// One row of the horizontal blur pass: the interior without index checks, the borders reflected.
-fn blur_row(src: &[f32], dst: &mut [f32], kernel: &[f32]) {
-    let (n, r) = (src.len(), kernel.len() / 2);
-    let tap = |x: usize| -> f32 {
-        let taps = kernel.iter().enumerate();
-        taps.map(|(k, &wk)| wk * src[reflect_101(x as isize + k as isize - r as isize, n)]).sum()
-    };
-    if n <= 2 * r {
-        for (x, d) in dst.iter_mut().enumerate() {
-            *d = tap(x);
-        }
-        return;
+/// `src` with `r` reflect-101 values on each side, into the first `src.len() + 2 r` values of
+/// `padded`, so that every output of a row reads its taps in a straight run.
+fn pad_reflected(src: &[f32], r: usize, padded: &mut [f32]) {
+    let n = src.len();
+    let (left, rest) = padded.split_at_mut(r);
+    let (middle, right) = rest.split_at_mut(n);
+    middle.copy_from_slice(src);
+    for (j, p) in left.iter_mut().enumerate() {
+        *p = src[reflect_101(j as isize - r as isize, n)];
     }
-    for x in (0..r).chain(n - r..n) {
-        dst[x] = tap(x);
-    }
-    // Interior: one shifted multiply-add per tap, which the compiler vectorises.
-    let interior = &mut dst[r..n - r];
-    for (d, &v) in interior.iter_mut().zip(src) {
-        *d = kernel[0] * v;
-    }
-    for (k, &wk) in kernel.iter().enumerate().skip(1) {
-        for (d, &v) in interior.iter_mut().zip(&src[k..]) {
-            *d += wk * v;
-        }
+    for (j, p) in right.iter_mut().enumerate() {
+        *p = src[reflect_101((n + j) as isize, n)];
     }
 }
 
@@ -255,6 +259,14 @@ pub fn normalize_plane(plane: &mut [f32], stats: BandStats) {
     let inv_std = 1.0 / stats.std;
     for v in plane.iter_mut() {
         *v = (*v - stats.mean) * inv_std;
+    }
+}
+
+/// [`normalize_plane`] of `src` written into `dst` (same length).
+pub fn normalize_into(dst: &mut [f32], src: &[f32], stats: BandStats) {
+    let inv_std = 1.0 / stats.std;
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = (v - stats.mean) * inv_std;
     }
 }
 
@@ -307,6 +319,18 @@ mod tests {
         let got: Vec<usize> = (-4..9).map(|i| reflect_101(i, 5)).collect();
         assert_eq!(got, [4, 3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1, 0]);
         assert_eq!(reflect_101(-7, 1), 0);
+    }
+
+    #[test]
+    fn reflect_101_equals_the_periodic_mirror_everywhere() {
+        for n in 2..9usize {
+            let period = 2 * (n - 1);
+            for i in -40..40isize {
+                let folded = i.rem_euclid(period as isize) as usize;
+                let want = if folded < n { folded } else { period - folded };
+                assert_eq!(reflect_101(i, n), want, "i {i}, n {n}");
+            }
+        }
     }
 
     #[test]
