@@ -169,19 +169,44 @@ fn sample_separable(src: &[f32], input: &Grid, affine: &Affine, xs: &[f64], ys: 
     let mut rows = vec![0.0f32; (last + 1 - first) * n];
     for (&c, plane_out) in input.planes.iter().zip(out.chunks_exact_mut(n * ys.len())) {
         let plane = &src[c * plane_in..(c + 1) * plane_in];
-        let inputs = plane[first * w..(last + 1) * w].chunks_exact(w);
-        for (row, input_row) in rows.chunks_exact_mut(n).zip(inputs) {
-            for (o, x) in row.iter_mut().zip(&x_taps) {
-                let (a, b) = (input_row[x.lo], input_row[x.hi]);
-                *o = a + (b - a) * x.t;
-            }
-        }
+        let inputs = &plane[first * w..(last + 1) * w];
+        resize_rows(inputs, w, &x_taps, &mut rows);
         for (row, y) in plane_out.chunks_exact_mut(n).zip(&y_taps) {
             let top = &rows[(y.lo - first) * n..(y.lo - first + 1) * n];
             let bottom = &rows[(y.hi - first) * n..(y.hi - first + 1) * n];
             for ((o, &a), &b) in row.iter_mut().zip(top).zip(bottom) {
                 *o = a + (b - a) * y.t;
             }
+        }
+    }
+}
+
+/// Rows of the input resampled horizontally: `out[r][u]` is row `r` of `inputs` (rows of `width`)
+/// at tap `x_taps[u]`. Several rows at a time, so that each tap is read once for all of them and
+/// their gathers run side by side (four measured faster than one and than eight).
+fn resize_rows(inputs: &[f32], width: usize, x_taps: &[AxisTap], out: &mut [f32]) {
+    const ROWS: usize = 4;
+    let n = x_taps.len();
+    let blocks = inputs.chunks(ROWS * width).zip(out.chunks_mut(ROWS * n));
+    for (input, out) in blocks {
+        match input.len() / width {
+            ROWS => resize_block::<ROWS>(input, width, x_taps, out),
+            _ => input.chunks_exact(width).zip(out.chunks_exact_mut(n)).for_each(|(input, out)| {
+                resize_block::<1>(input, width, x_taps, out);
+            }),
+        }
+    }
+}
+
+/// [`resize_rows`] of exactly `R` rows.
+#[inline(always)]
+fn resize_block<const R: usize>(input: &[f32], width: usize, x_taps: &[AxisTap], out: &mut [f32]) {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &input[r * width..(r + 1) * width]);
+    let mut chunks = out.chunks_exact_mut(x_taps.len());
+    let mut outs: [&mut [f32]; R] = std::array::from_fn(|_| chunks.next().expect("R output rows"));
+    for (u, x) in x_taps.iter().enumerate() {
+        for (row, out) in rows.iter().zip(outs.iter_mut()) {
+            out[u] = row[x.lo] + (row[x.hi] - row[x.lo]) * x.t;
         }
     }
 }
