@@ -11,6 +11,8 @@
 //! cargo bench --bench augment -- [SECONDS]
 //! cargo bench --bench augment -- --checksum   # a hash of the views of samples 0..60, to see
 //!                                             # whether a change keeps the output bit for bit
+//! cargo bench --bench augment -- 5 --single   # only the one-thread exact run (for rounds
+//!                                             # alternating with the Python baselines)
 //! ```
 
 use std::sync::Arc;
@@ -29,6 +31,11 @@ fn main() {
     let patch = Arc::new(real_patch());
     if std::env::args().any(|a| a == "--checksum") {
         return checksums(&patch);
+    }
+    if std::env::args().any(|a| a == "--single") {
+        let aug = Augmenter::new(&AugmentConfig::default(), &patch.bands).expect("seed bands have statistics");
+        report(Resample::Exact, "1 thread, write_views", 1, single_thread(&aug, &patch, seconds));
+        return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("augment bench: real BigEarthNet patch 10x120x120, {seconds} s per run, {cores} cores");
