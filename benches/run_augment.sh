@@ -25,7 +25,7 @@ echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 if [ -z "${AUGMENT_BENCH:-}" ]; then
     cargo bench --bench augment --no-run
     AUGMENT_BENCH=$(cargo bench --bench augment --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])')
+        | python3 -c 'import json,sys; print(next(j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable") and j["target"]["name"] == "augment"))')
 fi
 "$AUGMENT_BENCH" "$SECONDS_PER_RUN" | tee -a "$LOG"
 # Python on the process CPU clock: augment_ref times with time.perf_counter, so pointing that at
