@@ -33,7 +33,8 @@ fn main() {
         return checksums(&patch);
     }
     if std::env::args().any(|a| a == "--single") {
-        let aug = Augmenter::new(&AugmentConfig::default(), &patch.bands).expect("seed bands have statistics");
+        let aug =
+            Augmenter::new(&AugmentConfig::default(), &patch.bands).expect("seed bands have statistics");
         report(Resample::Exact, "1 thread, write_views", 1, single_thread(&aug, &patch, seconds));
         return;
     }
