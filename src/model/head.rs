@@ -52,9 +52,7 @@ impl DinoHead {
         }
         last.forward(&xs)
     }
-}
 
-impl DinoHead {
     /// [`Module::forward`]; without `train_last_layer` the last layer's weights enter the pass
     /// detached, so the backward pass computes no gradient for them (DINO drops those in its
     /// first `freeze_last_layer` epochs) and skips that `[K, bottleneck]` product.

@@ -70,9 +70,7 @@ impl CustomOp3 for WeightNormLinear {
         if let Some(grads) = self.fused_backward(xs, v, g, grad)? {
             return Ok(grads);
         }
-        let norm = v.sqr()?.sum_keepdim(1)?.sqrt()?;
-        let gain = g.div(&norm)?;
-        let weight = v.broadcast_mul(&gain)?;
+        let [norm, gain, weight] = composed_weight(v, g)?;
         let grad_xs = matmul_in(grad, &weight, self.matmul)?.to_dtype(xs.dtype())?;
         let grad_weight = matmul_in(&xs.t()?, grad, self.matmul)?.t()?.to_dtype(v.dtype())?;
         let grad_gain = grad_weight.mul(v)?.sum_keepdim(1)?;
@@ -87,9 +85,9 @@ impl CustomOp3 for WeightNormLinear {
 impl WeightNormLinear {
     /// `dx = g W` alone, for frozen weights: the arithmetic of the full backward's `dx`.
     fn input_grad(&self, xs: &Tensor, v: &Tensor, g: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let weight = match cpu::with_f32([v, g], |[v, g]| cpu::weight_norm(v, g)).flatten() {
+        let weight = match fused_weight(v, g) {
             Some([weight, ..]) => Tensor::from_vec(weight, v.shape(), v.device())?,
-            None => v.broadcast_mul(&g.div(&v.sqr()?.sum_keepdim(1)?.sqrt()?)?)?,
+            None => composed_weight(v, g)?[2].clone(),
         };
         self.grad_xs(xs, &weight, grad)
     }
@@ -102,8 +100,7 @@ impl WeightNormLinear {
     /// The backward pass with the row-wise parts in the CPU's fused kernels ([`cpu::weight_norm`],
     /// [`cpu::weight_norm_backward`]): the same arithmetic; `None` where they do not apply.
     fn fused_backward(&self, xs: &Tensor, v: &Tensor, g: &Tensor, grad: &Tensor) -> Result<Option<Grads3>> {
-        let Some([weight, norm, gain]) = cpu::with_f32([v, g], |[v, g]| cpu::weight_norm(v, g)).flatten()
-        else {
+        let Some([weight, norm, gain]) = fused_weight(v, g) else {
             return Ok(None);
         };
         let weight = Tensor::from_vec(weight, v.shape(), v.device())?;
@@ -120,6 +117,20 @@ impl WeightNormLinear {
         );
         Ok(Some((Some(grad_xs), Some(grad_v), Some(grad_g))))
     }
+}
+
+/// `[W, ||v||, g / ||v||]` from the CPU's fused kernel ([`cpu::weight_norm`]); `None` where it
+/// does not apply.
+fn fused_weight(v: &Tensor, g: &Tensor) -> Option<[Vec<f32>; 3]> {
+    cpu::with_f32([v, g], |[v, g]| cpu::weight_norm(v, g)).flatten()
+}
+
+/// `[||v||, g / ||v||, W]` as tensor ops, the arithmetic [`fused_weight`] reproduces.
+fn composed_weight(v: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
+    let norm = v.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let gain = g.div(&norm)?;
+    let weight = v.broadcast_mul(&gain)?;
+    Ok([norm, gain, weight])
 }
 
 /// A three-input op's gradients.
